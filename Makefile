@@ -1,0 +1,44 @@
+# gex-bench: `make demo` and `make test` do all set-up on a fresh machine (venv, package, data) and are safe to repeat.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export WANDB_SILENT := true
+
+.PHONY: help setup data demo test bench clean
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install gex-bench into it
+
+data: ## install Fashion-MNIST (Debian package dataset-fashion-mnist) when it is missing
+	@if [ -f $(FMNIST) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the Debian package dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || \
+	  { echo "could not install dataset-fashion-mnist; put the IDX .gz files under data/fashion_mnist/ or pass data.download=true"; exit 1; }; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the IDX .gz files under data/fashion_mnist/, or pass data.download=true"; exit 1; \
+	fi
+
+demo: setup data ## the CPU reference run (see README for what it runs and how long it takes)
+	$(PY) -m experiments.pretrain
+
+test: setup data ## the test suite (CPU, offline W&B, temporary directories)
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+bench: setup data ## speed benchmarks (ratios measured in one run)
+	$(PY) -m experiments.bench
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs multirun cache .pytest_cache

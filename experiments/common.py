@@ -1,0 +1,201 @@
+"""Wiring shared by every entry point: typed configs from Hydra, the W&B logger, run records, one-line errors."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gex.attribution import InfluenceTask, MethodError
+from gex.data import DataBundle, DataConfig, NoiseConfig, load_data
+from gex.models import ModelConfig
+from gex.pipeline import pretrained_task
+from gex.runs import ArtifactCache, ArtifactError, atomic_save, atomic_write_text
+from gex.train import TrainConfig
+from gex.utils import resolve_device, seed_everything
+
+__all__ = ["Settings", "settings_from", "RunLogger", "RunRecord", "entry_point", "load_task", "UsageError",
+           "versions"]
+
+log = logging.getLogger("gex")
+
+
+class UsageError(ValueError):
+    """A bad request from the command line (impossible option, conflicting run directory, ...)."""
+
+
+def _typed(cls, node: Any, key: str):
+    """Build dataclass ``cls`` from a config node; unknown keys are a one-line error listing the valid ones."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; valid keys: {sorted(valid)}")
+    return cls(**values)
+
+
+@dataclass
+class Settings:
+    """The typed view of a composed config: what every entry point builds objects from."""
+
+    data: DataConfig
+    noise: NoiseConfig
+    model: ModelConfig
+    train: TrainConfig
+    seed: int
+    device: torch.device
+    cache: ArtifactCache
+
+
+def settings_from(cfg: DictConfig) -> Settings:
+    """Validate the shared groups; raises a one-line ``ValueError`` on any bad name or value."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return Settings(data=_typed(DataConfig, cfg.data, "data"), noise=_typed(NoiseConfig, cfg.noise, "noise"),
+                    model=_typed(ModelConfig, cfg.model, "model"), train=_typed(TrainConfig, cfg.train, "train"),
+                    seed=int(cfg.seed), device=resolve_device(str(cfg.device)),
+                    cache=ArtifactCache(cfg.paths.cache))
+
+
+def load_task(s: Settings, logger: "RunLogger | None" = None) -> tuple[DataBundle, InfluenceTask]:
+    """Data, then theta* (trained or reused from the cache), as an InfluenceTask."""
+    seed_everything(s.seed)
+    bundle = load_data(s.data, s.noise, s.seed)
+    log_fn = (lambda row: logger.log({f"pretrain/{k}": v for k, v in row.items()})) if logger else None
+    task = pretrained_task(bundle, s.model, s.train, seed=s.seed, data_cfg=s.data, noise_cfg=s.noise,
+                           device=s.device, cache=s.cache, log_fn=log_fn)
+    return bundle, task
+
+
+class RunLogger:
+    """W&B, offline by default; ``mode=disabled`` makes every call a no-op. Never touches the network offline."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, job: str):
+        self.run = None
+        self.cfg, self.run_dir, self.job = cfg, run_dir, job
+        lcfg = cfg.get("logger") or {}
+        self.mode = str(lcfg.get("mode", "disabled"))
+        if self.mode not in ("online", "offline", "disabled"):
+            raise UsageError(f"logger.mode={self.mode!r} is unknown; valid choices: ['disabled', 'offline', 'online']")
+
+    def _start(self) -> bool:
+        """Start W&B at the first thing logged, so that a run that fails validation leaves nothing behind."""
+        if self.run is None and self.mode != "disabled":
+            import wandb  # imported lazily: a disabled logger costs nothing
+            os.environ.setdefault("WANDB_SILENT", "true")
+            lcfg = self.cfg.logger
+            self.run = wandb.init(mode=self.mode, dir=str(self.run_dir), project=lcfg.get("project", "gex-bench"),
+                                  entity=lcfg.get("entity"), group=lcfg.get("group"),
+                                  tags=list(lcfg.get("tags") or []), job_type=self.job,
+                                  config=OmegaConf.to_container(self.cfg, resolve=True),
+                                  settings=wandb.Settings(console="off", x_disable_stats=True))
+        return self.run is not None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self._start():
+            self.run.log(row)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self._start():
+            self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+    def image(self, name: str, path: Path) -> None:
+        if self._start():
+            import wandb
+            self.run.log({name: wandb.Image(str(path))})
+
+    def table(self, name: str, frame) -> None:
+        if self._start():
+            import wandb
+            self.run.log({name: wandb.Table(dataframe=frame)})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def versions() -> dict[str, str]:
+    """Library versions and git revision for the record."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"torch": torch.__version__, "python": platform.python_version(), "git": rev or "unknown",
+            "host_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+class RunRecord:
+    """A run directory: ``config.yaml`` (resolved), ``metrics.json``, ``scores.pt`` and figures.
+
+    Refuses a directory that already holds a finished run with a different config (nothing is overwritten).
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        self.dir = Path(run_dir)
+        self.config_text = OmegaConf.to_yaml(cfg, resolve=True)
+        existing = self.dir / "config.yaml"
+        if (self.dir / "metrics.json").exists() and existing.exists() and existing.read_text() != self.config_text:
+            raise UsageError(f"{self.dir} already holds a finished run with a different config; "
+                             f"choose another hydra.run.dir or delete it")
+
+    def write(self, metrics: dict[str, Any], scores: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the record atomically: scores first, metrics.json last (its presence marks a finished run)."""
+        atomic_write_text(self.config_text, self.dir / "config.yaml")
+        if scores is not None:
+            atomic_save({k: v.detach().cpu() for k, v in scores.items()}, self.dir / "scores.pt")
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                 for k, v in metrics.items()}
+        atomic_write_text(json.dumps(clean, indent=2, sort_keys=True), self.dir / "metrics.json")
+        return self.dir / "metrics.json"
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    except OSError:
+        pass
+
+
+def entry_point(job: str) -> Callable[[Callable[[DictConfig, Path, RunLogger], dict]], Callable[[DictConfig], None]]:
+    """Wrap ``fn(cfg, run_dir, logger) -> metrics`` for ``hydra.main``.
+
+    Bad input (any ``ValueError``/``FileNotFoundError``/``NotImplementedError`` raised while building or running)
+    becomes one line on stderr and exit status 2, and an empty run directory is removed. In ``finally`` W&B is
+    closed and the run directory printed.
+    """
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(cfg: DictConfig) -> None:
+            from hydra.core.hydra_config import HydraConfig
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            logger, ok, start = None, False, time.perf_counter()
+            try:
+                logger = RunLogger(cfg, run_dir, job)
+                metrics = fn(cfg, run_dir, logger)
+                logger.summary(metrics)
+                ok = True
+            except (ValueError, FileNotFoundError, NotImplementedError, ArtifactError, MethodError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            finally:
+                if logger is not None:
+                    logger.finish()
+                if ok:
+                    print(f"[{job}] done in {time.perf_counter() - start:.1f}s; run written to {run_dir}")
+                else:
+                    _remove_if_empty(run_dir)
+        return main
+    return wrap

@@ -1,0 +1,93 @@
+"""Pretrain (or reuse a cached) theta* and wrap it as an ``InfluenceTask``: the Python front door.
+
+    bundle = load_data(DataConfig(name="digits"), NoiseConfig(rate=0.2), seed=0)
+    task = pretrained_task(bundle, ModelConfig("cnn_small"), TrainConfig(epochs=30), seed=0)
+    scores = GEX(num_members=8, ft_step=100).fit(task).self_influence(task.train)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+
+from gex.attribution import InfluenceTask
+from gex.data import DataBundle, DataConfig, NoiseConfig
+from gex.models import ModelConfig
+from gex.runs import ArtifactCache
+from gex.train import Checkpoint, TrainConfig, eval_logits, train
+from gex.utils import resolve_device
+
+__all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_spec(data: DataConfig, noise: NoiseConfig, model: ModelConfig, recipe: TrainConfig,
+                  seed: int) -> dict[str, Any]:
+    """The config parts that determine a pretrained checkpoint (paths and download switches excluded)."""
+    data_part = {k: v for k, v in asdict(data).items() if k not in ("root", "download")}
+    noise_part = asdict(noise) | {"seed": noise.seed if noise.seed is not None else seed}
+    return {"data": data_part, "noise": noise_part, "model": asdict(model), "train": asdict(recipe), "seed": seed}
+
+
+def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn) -> dict[str, Any]:
+    model = model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=seed).to(device)
+    start = time.perf_counter()
+    result = train(model, bundle.train.to(device), recipe, seed=seed, device=device, log_fn=log_fn, desc="pretrain")
+    return {"state": {k: v.cpu() for k, v in model.state_dict().items()},
+            "trajectory": [{"state": c.state, "step": c.step, "lr": c.lr} for c in result.trajectory],
+            "forgetting": result.forgetting, "never_learned": result.never_learned,
+            "wall_s": time.perf_counter() - start}
+
+
+def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainConfig, *, seed: int,
+                    data_cfg: DataConfig | None = None, noise_cfg: NoiseConfig | None = None,
+                    device: torch.device | str = "auto", cache: ArtifactCache | None = None,
+                    log_fn: Callable[[dict[str, float]], None] | None = None) -> InfluenceTask:
+    """Train theta* (or load it from ``cache``) and return the task every method consumes.
+
+    Args:
+        bundle: train/test data (noise applied).
+        model_cfg: architecture.
+        recipe: pretraining recipe.
+        seed: init, data order and everything else random.
+        data_cfg, noise_cfg: the configs ``bundle`` came from; with ``cache`` they key the checkpoint.
+        device: ``auto`` = CUDA when present.
+        cache: artefact cache; None trains in memory.
+        log_fn: per-epoch metrics sink.
+
+    Returns:
+        InfluenceTask with theta*, the trajectory and the forgetting log.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    spec = pretrain_spec(data_cfg or DataConfig(), noise_cfg or NoiseConfig(), model_cfg, recipe, seed)
+    record = cache.load("pretrain", spec, "checkpoint") if cache is not None else None
+    reused = record is not None
+    if record is None:
+        record = _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn)
+        if cache is not None:
+            cache.save("pretrain", spec, "checkpoint", record)
+    make_model = lambda: model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=seed)  # noqa: E731
+    model = make_model().to(device)
+    model.load_state_dict(record["state"])
+    model.eval()
+    trajectory = [Checkpoint(c["state"], int(c["step"]), float(c["lr"])) for c in record["trajectory"]]
+    return InfluenceTask(model=model, train=bundle.train.to(device), test=bundle.test.to(device), recipe=recipe,
+                         make_model=make_model, trajectory=trajectory, forgetting=record["forgetting"],
+                         never_learned=record["never_learned"], loss=recipe.loss, device=device, seed=seed,
+                         cache=cache, cache_spec=spec, pretrain_wall_s=0.0 if reused else float(record["wall_s"]))
+
+
+def pretrain_metrics(task: InfluenceTask) -> dict[str, float]:
+    """``train_acc`` (on the labels trained on), ``noisy_fit`` (mislabeled samples predicted as their noisy
+    label) and ``test_acc`` of theta*."""
+    train_pred = eval_logits(task.model, task.train).argmax(-1)
+    test_pred = eval_logits(task.model, task.test).argmax(-1)
+    y, noisy = task.train.y.cpu(), task.train.is_noisy.cpu()
+    fitted = train_pred == y
+    return {"train_acc": fitted.float().mean().item(),
+            "noisy_fit": fitted[noisy].float().mean().item() if noisy.any() else float("nan"),
+            "test_acc": (test_pred == task.test.y.cpu()).float().mean().item()}
