@@ -34,7 +34,8 @@ class InfluenceTask:
             eval view (fixed order, un-augmented) or the train view (shuffled, ``augment=True``).
         test: the test set.
         recipe: the pretraining recipe (methods that train reuse it: EL2N, CL folds, ensemble cycles).
-        make_model: a fresh, untrained model of the same architecture (same init for the same seed).
+        make_model: ``make_model(seed=None)`` builds a fresh, untrained model of the same architecture (seed None =
+            theta*'s own init, as retraining from the same initialization needs).
         trajectory: pretraining checkpoints with the LR in force at each.
         forgetting: forgetting-event counts from pretraining ``(n_train,)``, or None.
         never_learned: bool ``(n_train,)``: never fitted during pretraining, or None.
@@ -64,6 +65,36 @@ class InfluenceTask:
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator derived from the run seed (``salt`` separates a method's streams)."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def derived_seed(self, salt: int) -> int:
+        """A non-negative int seed drawn from the run seed and ``salt`` (one independent stream per salt)."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator(salt)))
+
+    def fresh_model(self, seed: int | None = None) -> nn.Module:
+        """An untrained model on ``device``: theta*'s own init (seed None) or one seeded by ``seed``."""
+        return self.make_model(seed=seed).to(self.device)
+
+    def train_rows(self, data: LabeledData, method: str) -> Tensor:
+        """Positions in ``train`` of the samples of ``data`` (matched by original index), long ``(n,)``.
+
+        For methods whose scores exist only for training samples (forgetting, CL).
+
+        Raises:
+            MethodError: some sample of ``data`` is not a training sample (e.g. the test set).
+        """
+        ref, want = self.train.index.cpu(), data.index.cpu()
+        if torch.equal(ref, want):
+            rows = torch.arange(len(ref))
+        else:
+            lookup = torch.full((int(max(ref.max(), want.max())) + 1,), -1, dtype=torch.long)
+            lookup[ref] = torch.arange(len(ref))
+            rows = lookup[want]
+        ok = bool((rows >= 0).all()) and torch.equal(self.train.y[rows.to(self.train.y.device)].cpu(), data.y.cpu()) \
+            and torch.equal(self.train.x[rows.to(self.train.x.device)].cpu(), data.x.cpu())
+        if not ok:
+            raise MethodError(f"{method} scores only training samples, and data={data.name!r} is not (a subset of) "
+                              f"task.train; pass task.train or task.train.subset(rows)")
+        return rows
 
 
 class Attributor:

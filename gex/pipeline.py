@@ -70,7 +70,9 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
         record = _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn)
         if cache is not None:
             cache.save("pretrain", spec, "checkpoint", record)
-    make_model = lambda: model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=seed)  # noqa: E731
+    def make_model(seed: int | None = None, _own: int = seed):
+        return model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=_own if seed is None else seed)
+
     model = make_model().to(device)
     model.load_state_dict(record["state"])
     model.eval()

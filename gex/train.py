@@ -132,13 +132,15 @@ def _weighted_loss(model: nn.Module, batch: Batch, loss: str) -> tuple[Tensor, T
 
 
 def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: TrainConfig,
-              on_step: Callable[[int, Batch, Tensor, float], None] | None = None, desc: str = "train") -> None:
-    """Run ``n_steps`` SGD steps of ``cfg`` from a fresh momentum buffer, the LR scheduled over those steps.
+              on_step: Callable[[int, Batch, Tensor, float], None] | None = None, desc: str = "train",
+              schedule_steps: int | None = None) -> None:
+    """Run ``n_steps`` SGD steps of ``cfg`` from a fresh momentum buffer.
 
     Args:
         model: trained in place (train mode during the steps, eval mode after).
         stream: batches (see ``batch_stream``).
-        n_steps: number of optimizer steps; the schedule spans exactly these.
+        n_steps: number of optimizer steps.
+        schedule_steps: length of the LR schedule (default ``n_steps``); longer = stop early inside it (EL2N).
         cfg: the recipe (lr, momentum, weight decay, schedule, clipping, loss).
         on_step: called after each step with (step, batch, pre-update logits, lr).
         desc: progress-bar label.
@@ -152,7 +154,7 @@ def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: Trai
     model.train()
     for step in progress(range(n_steps), desc=desc, total=n_steps):
         batch = next(stream)
-        lr = lr_at(step, n_steps, cfg)
+        lr = lr_at(step, schedule_steps or n_steps, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         loss, logits = _weighted_loss(model, batch, cfg.loss)
@@ -252,7 +254,8 @@ class _Recorder:
 
 
 def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, device: torch.device,
-          log_fn: Callable[[dict[str, float]], None] | None = None, desc: str = "train") -> TrainResult:
+          log_fn: Callable[[dict[str, float]], None] | None = None, desc: str = "train",
+          max_steps: int | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` with recipe ``cfg``; BN statistics are refreshed at the end.
 
     Args:
@@ -263,6 +266,8 @@ def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, d
         device: where batches go.
         log_fn: receives one dict per epoch (``train/loss``, ``train/acc``, ``train/lr``).
         desc: progress-bar label.
+        max_steps: stop after this many steps of the full schedule (e.g. the authors' EL2N: 10 epochs of a
+            200-epoch schedule); checkpoints past the stop are not taken.
 
     Returns:
         TrainResult with the trajectory (one checkpoint per ``cfg.ckpt_fracs``), forgetting counts and history.
@@ -272,8 +277,9 @@ def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, d
     bn_gen = torch.Generator().manual_seed(seed + 1_000_003)
     recorder = _Recorder(model, data, cfg, total, bn_gen, device, log_fn)
     stream = batch_stream(data, cfg.batch_size, cfg.augment, order_gen, device)
-    sgd_steps(model, stream, total, cfg, on_step=recorder, desc=desc)
-    if total not in recorder.ckpt_steps:  # otherwise the last checkpoint already refreshed BN
+    steps = total if max_steps is None else min(max_steps, total)
+    sgd_steps(model, stream, steps, cfg, on_step=recorder, desc=desc, schedule_steps=total)
+    if steps not in recorder.ckpt_steps:  # otherwise the last checkpoint already refreshed BN
         update_bn(model, data, cfg, bn_gen, device)
     model.eval()
     return TrainResult(recorder.trajectory, recorder.forgetting, ~recorder.ever_correct, recorder.history)

@@ -1,0 +1,157 @@
+"""TRAK (Park et al. 2023) over the last ``num_checkpoints`` pretraining checkpoints.
+
+At checkpoint c: ``phi_c(z) = V_c grad f_c(z)``, the gradient of TRAK's model output function
+``f = log(p / (1 - p))`` (p = the probability of the label ``y``: softmax for ``ce``, the label's sigmoid for
+``bce``, where f is the label's logit) projected by a ``(proj_dim, P)`` Gaussian matrix ``V_c``
+(``gex.projection.GaussianProjector``, one seed per checkpoint as TRAK's per-model projections); the kernel
+``K_c = (Phi_c^T Phi_c + lambda_c I)^-1`` of the train set's features (``lambda_c = damping * tr(Phi_c^T Phi_c) / N``,
+0 = TRAK's plain inverse, taken as a pseudo-inverse); ``Q_c(z) = 1 - p_c(z)``. Scores (TRAK's ensemble):
+
+    I(z_i, z_j) = mean_c Q_c(z_i)  *  mean_c phi_c(z_j)^T K_c phi_c(z_i)
+
+positive = the train sample raises the test sample's correct-class margin, i.e. lowers its loss (a proponent).
+Self-influence is the same form with z_j = z_i, computed per sample (no n x n matrix). When ``proj_dim >= N``
+and ``damping = 0`` every train sample's leverage ``phi^T K phi`` is 1, so self-influence degenerates to the mean
+``Q`` (1 - p): keep ``proj_dim`` below the train size (TRAK's regime).
+
+    scores = TRAK(num_checkpoints=5, proj_dim=512).fit(task).self_influence(task.train)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gex.attribution import Attributor, InfluenceTask, MethodError, register
+from gex.data import LabeledData, iter_batches
+from gex.influence import model_state, num_params
+from gex.projection import GaussianProjector, using_state
+from gex.train import clone_model
+from gex.utils import progress
+
+__all__ = ["TRAK", "margin", "correct_probability", "margin_grads"]
+
+_SEED_SALT = 11_003  # V_c's seed = run seed * this + checkpoint index (independent of other methods' streams)
+
+
+def margin(logits: Tensor, y: Tensor, loss: str) -> Tensor:
+    """TRAK's output function ``log(p / (1 - p))`` of each row, ``(b,)``, computed stably from the logits."""
+    z_y = logits.gather(-1, y[:, None]).squeeze(-1)
+    if loss == "bce":
+        return z_y
+    is_label = torch.arange(logits.shape[-1], device=logits.device) == y[:, None]  # vmap-safe one-hot
+    others = logits.masked_fill(is_label, float("-inf"))
+    return z_y - others.logsumexp(-1)
+
+
+def correct_probability(logits: Tensor, y: Tensor, loss: str) -> Tensor:
+    """p, the probability of label y (softmax for ``ce``, the label's sigmoid for ``bce``), ``(b,)``."""
+    probs = logits.softmax(-1) if loss == "ce" else logits.sigmoid()
+    return probs.gather(-1, y[:, None]).squeeze(-1)
+
+
+def _margin_fn(model: nn.Module, frozen: dict[str, Tensor], loss: str) -> Callable:
+    def fn(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return margin(functional_call(model, (params, frozen), (x[None],)), y[None], loss).squeeze(0)
+    return fn
+
+
+def margin_grads(model: nn.Module, x: Tensor, y: Tensor, loss: str) -> Tensor:
+    """Per-sample gradients of the margin, flattened in ``params_vector`` order, ``(b, P)`` (eval mode)."""
+    model.eval()
+    params, frozen = model_state(model)
+    grads = vmap(grad(_margin_fn(model, frozen, loss)), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([grads[n].reshape(len(x), -1) for n in params], dim=1)
+
+
+@register("trak")
+class TRAK(Attributor):
+    """TRAK with trajectory checkpoints as its ensemble.
+
+    Args:
+        num_checkpoints: the last k checkpoints of ``task.trajectory`` (1..len(trajectory)).
+        proj_dim: d, Gaussian projection dimension (CPU 512; TRAK uses 2048+ on GPUs).
+        damping: ``lambda_c = damping * tr(Phi^T Phi) / N`` (0 = TRAK's plain (pseudo-)inverse).
+        seed: fixes the projections; None = the run seed.
+        chunk_size: samples per per-sample-gradient chunk (does not change the scores).
+        max_block_mb: memory budget of one block of V's rows.
+    """
+
+    def __init__(self, num_checkpoints: int = 5, proj_dim: int = 512, damping: float = 0.0, seed: int | None = None,
+                 chunk_size: int = 256, max_block_mb: float = 256.0):
+        for key, value in (("num_checkpoints", num_checkpoints), ("proj_dim", proj_dim), ("chunk_size", chunk_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise MethodError(f"trak.{key}={value!r} is invalid; it must be an integer >= 1")
+        if not damping >= 0 or not max_block_mb > 0:
+            raise MethodError(f"trak: damping={damping!r} must be >= 0 and max_block_mb={max_block_mb!r} > 0")
+        self.num_checkpoints, self.proj_dim, self.damping, self.seed = num_checkpoints, proj_dim, float(damping), seed
+        self.chunk_size, self.max_block_mb = chunk_size, max_block_mb
+        self.states_: list[dict[str, Tensor]] = []
+        self.projectors_: list[GaussianProjector] = []
+        self.kernels_: list[Tensor] = []
+        self._memo: dict[int, tuple[LabeledData, Tensor, Tensor]] = {}
+
+    def fit(self, task: InfluenceTask) -> "TRAK":
+        """Project the train set's margin gradients at each checkpoint and invert its kernel."""
+        super().fit(task)
+        available = len(task.trajectory)
+        if available < self.num_checkpoints:
+            raise MethodError(f"trak.num_checkpoints={self.num_checkpoints} but task.trajectory holds {available} "
+                              f"checkpoints; lower it or pretrain with more train.ckpt_fracs")
+        self.states_ = [c.state for c in task.trajectory[-self.num_checkpoints:]]
+        seed = task.seed if self.seed is None else self.seed
+        dtype = next(task.model.parameters()).dtype
+        self.projectors_ = [GaussianProjector(num_params(task.model), self.proj_dim, seed * _SEED_SALT + c, task.device,
+                                              dtype, self.max_block_mb) for c in range(self.num_checkpoints)]
+        self._container = clone_model(task.model)
+        self._memo.clear()
+        phi, _ = self.features(task.train)
+        self.kernels_ = [self._kernel(p) for p in phi]
+        return self
+
+    def _kernel(self, phi: Tensor) -> Tensor:
+        """``(Phi^T Phi + lambda I)^+``, ``(d, d)``, in float64 (a pseudo-inverse when singular and undamped)."""
+        gram = phi.double().T @ phi.double()
+        lam = self.damping * gram.trace() / len(phi)
+        return torch.linalg.pinv(gram + lam * torch.eye(len(gram), dtype=gram.dtype), hermitian=True).to(phi)
+
+    def features(self, data: LabeledData) -> tuple[Tensor, Tensor]:
+        """``(Phi (C, n, d), Q (C, n))`` of ``data`` at each checkpoint, on CPU (memoized per data object)."""
+        task = self._require_fit()
+        entry = self._memo.get(id(data))
+        if entry is not None and entry[0] is data:
+            return entry[1], entry[2]
+        phis, qs = [], []
+        for state, projector in zip(self.states_, self.projectors_):
+            with using_state(self._container, state) as model:
+                phi, q = self._project(model, data, projector, task)
+            phis.append(phi), qs.append(q)
+        self._memo[id(data)] = (data, torch.stack(phis), torch.stack(qs))
+        return self._memo[id(data)][1:]
+
+    def _project(self, model: nn.Module, data: LabeledData, projector: GaussianProjector,
+                 task: InfluenceTask) -> tuple[Tensor, Tensor]:
+        phi, q = [], []
+        total = -(-len(data) // self.chunk_size)
+        for batch in progress(iter_batches(data, self.chunk_size, device=task.device), "trak grads", total):
+            phi.append(projector.project(margin_grads(model, batch.x, batch.y, task.loss)).cpu())
+            with torch.no_grad():
+                q.append((1 - correct_probability(model(batch.x), batch.y, task.loss)).cpu())
+        return torch.cat(phi), torch.cat(q)
+
+    def self_influence(self, data: LabeledData) -> Tensor:
+        """``mean_c Q_c(z_i) * mean_c phi_ci^T K_c phi_ci``, shape ``(n,)``, >= 0; higher = more influential."""
+        self._require_fit()
+        phi, q = self.features(data)
+        quad = torch.stack([((p @ k) * p).sum(1) for p, k in zip(phi, self.kernels_)]).mean(0)
+        return q.mean(0) * quad
+
+    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """``mean_c Q_c(train) * mean_c Phi_c(train) K_c Phi_c(test)^T``, ``(n_train, n_test)``; positive =
+        proponent."""
+        self._require_fit()
+        (phi_tr, q), (phi_te, _) = self.features(train), self.features(test)
+        kernel = torch.stack([a @ k @ b.T for a, k, b in zip(phi_tr, self.kernels_, phi_te)]).mean(0)
+        return q.mean(0)[:, None] * kernel

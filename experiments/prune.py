@@ -1,0 +1,96 @@
+"""Dataset pruning (SPEC B3.4): ``python -m experiments.prune [method=<name>] [task.fractions=[0.1,0.2]]``.
+
+On clean labels (``configs/prune.yaml`` sets ``noise=none``), removes the lowest self-influence fraction of the
+training set (keeping the influential samples; ties broken by a seeded U(0, 0.5) key), retrains a fresh model from
+theta*'s initialization with the schedule sized to what remains, and records ``test_acc_at_<pct>``; the same for
+uniformly random removal as ``random.test_acc_at_<pct>`` (cached per seed: method-independent), and the unpruned
+retrain as ``test_acc_at_0`` = ``random.test_acc_at_0``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from experiments import plots
+from experiments.common import RunLogger, entry_point
+from experiments.tasks import (PruneConfig, cached_value, check_scores, finish_run, n_removed, pct_label, prune_rows,
+                               random_prune_rows, ranking_order, record_fields, retrain_recipe, retrain_test_acc,
+                               start_run, task_config, unchanged_test_acc)
+from gex.attribution import InfluenceTask
+from gex.data import DataBundle
+from gex.train import TrainConfig
+from gex.utils import stage_timer
+
+__all__ = ["run"]
+
+log = logging.getLogger("gex")
+
+
+def _pruned_acc(task: InfluenceTask, kept: torch.Tensor, recipe: TrainConfig, desc: str) -> float:
+    return retrain_test_acc(task, task.train.subset(kept.to(task.train.x.device)), recipe, task.test, desc)
+
+
+def _curves(task: InfluenceTask, scores: torch.Tensor, opts: PruneConfig, recipe: TrainConfig) -> dict[str, float]:
+    """``test_acc_at_<pct>`` and ``random.test_acc_at_<pct>`` for every fraction, plus the unpruned ``_at_0``."""
+    full = unchanged_test_acc(task, recipe, task.test, "test")
+    out = {"test_acc_at_0": full, "random.test_acc_at_0": full}
+    n = len(task.train)
+    for frac in opts.fractions:
+        pct = pct_label(frac)
+        out[f"test_acc_at_{pct}"] = _pruned_acc(task, prune_rows(scores, frac, task.seed), recipe, f"retrain (-{pct}%)")
+        what = {"job": "prune_random", "fraction": float(frac), "recipe": asdict(recipe)}
+        out[f"random.test_acc_at_{pct}"] = cached_value(task, what, lambda: _pruned_acc(
+            task, random_prune_rows(n, frac, task.seed), recipe, f"retrain (random -{pct}%)"))
+    return out
+
+
+def _plot(metrics: dict, opts: PruneConfig, method: str, path: Path) -> None:
+    pcts = [0] + [pct_label(f) for f in opts.fractions]
+    curves = {name: (pcts, [[metrics[f"{prefix}test_acc_at_{p}"] for p in pcts]])
+              for name, prefix in ((method, ""), ("random", "random."))}
+    plots.plot_pruning_curves(curves, f"pruning on {metrics['data']} ({method})", path)
+
+
+def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
+    """Fit, score, prune at every fraction, retrain, and write the pruning record; returns the metrics."""
+    opts = task_config(cfg.task, "prune")
+
+    def check(bundle: DataBundle) -> None:  # every fraction must leave something on this dataset
+        for frac in opts.fractions:
+            n_removed(len(bundle.train), frac)
+        if bundle.train.is_noisy.any():
+            log.warning("prune: the training labels are noisy (noise=%s); the protocol prunes clean data "
+                        "(noise=none)", cfg.noise.kind)
+
+    run_ = start_run(cfg, run_dir, logger, check=check)
+    task, method, device = run_.task, run_.method, run_.settings.device
+    with stage_timer(run_.times, "score", device):
+        scores = check_scores(method.self_influence(task.train), len(task.train), "self-influence", method.name)
+    recipe = retrain_recipe(task.recipe, opts.retrain_epochs)
+    with stage_timer(run_.times, "retrain", device):
+        curves = _curves(task, scores, opts, recipe)
+    metrics = curves | {"retrain_epochs": recipe.epochs, "wall_s_retrain": run_.times["retrain"]} | record_fields(
+        cfg, run_, "prune")
+    figure = run_dir / "pruning_curves.png"
+    _plot(metrics, opts, method.name, figure)
+    order = ranking_order(scores, descending=False, seed=task.seed)
+    finish_run(run_, logger, metrics, {"self_influence": scores.float(), "prune_order": order,
+                                       "index": task.train.index.cpu()}, {"pruning_curves": figure})
+    print(f"[prune] {method.name}: " + " ".join(f"-{pct_label(f)}%: {curves[f'test_acc_at_{pct_label(f)}']:.4f} "
+                                               f"(random {curves[f'random.test_acc_at_{pct_label(f)}']:.4f})"
+                                               for f in opts.fractions))
+    return metrics
+
+
+@hydra.main(config_path="../configs", config_name="prune", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    entry_point("prune")(run)(cfg)
+
+
+if __name__ == "__main__":
+    main()

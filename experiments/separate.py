@@ -1,0 +1,111 @@
+"""Separation of data sources (SPEC A4, B3.5; the protocol is ours): ``python -m experiments.separate``.
+
+On a two-source mixture with clean labels (``data=mixed``: ``extra['is_minority']`` marks the ~10% minority
+source), records how well a method finds the minority source by self-influence (``auroc``, ``ap``) and by influence
+on the minority-source test loss (``auroc_cross``, ``ap_cross``), then the minority test accuracy after
+up-weighting the top-ranked ``task.upweight_frac`` samples by ``task.upweight`` and retraining from theta*'s
+initialization (``minority_test_acc_weighted``) versus uniform weights (``minority_test_acc_uniform``: cached,
+method-independent).
+
+Sign of the cross ranking: pairwise influence is positive when a training sample *lowers* the test loss (a
+proponent; ``gex.attribution``). Minority training samples are the proponents of the minority test loss, so they
+are ranked by **+influence** (highest first). Detection's cross score is the opposite (-influence: mislabeled
+samples raise the test loss). ``tests/test_tasks.py`` checks the sign on a tiny mixture with first-order
+influence. A method without a pairwise form needs ``task.cross=false`` (self-influence only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from experiments import plots
+from experiments.common import RunLogger, UsageError, entry_point
+from experiments.tasks import (SeparateConfig, TaskRun, check_scores, finish_run, minority_mask, ranking_metrics,
+                               ranking_order, record_fields, retrain_recipe, retrain_test_acc, rows_where, start_run,
+                               task_config, unchanged_test_acc, upweighted)
+from gex.data import DataBundle
+from gex.utils import stage_timer
+
+__all__ = ["run"]
+
+LABELS = ("majority", "minority")
+
+
+def _check(data_name: str):
+    def check(bundle: DataBundle) -> None:
+        mask = minority_mask(bundle.train, data_name)
+        minority_mask(bundle.test, data_name)
+        if mask.all() or not mask.any():
+            raise UsageError(f"data={data_name}: the training set holds one source only ({int(mask.sum())} minority "
+                             f"of {len(mask)}); separation needs both")
+    return check
+
+
+def _scores(run_: TaskRun, opts: SeparateConfig, test_min) -> dict[str, torch.Tensor]:
+    """``self`` (n,) and, when ``task.cross``, ``cross`` = +influence on the mean minority test loss (n,)."""
+    task, method, n = run_.task, run_.method, len(run_.task.train)
+    out = {"self": check_scores(method.self_influence(task.train), n, "self-influence", method.name)}
+    if opts.cross:
+        out["cross"] = check_scores(method.influence_on_mean_test(task.train, test_min), n, "cross-influence",
+                                    method.name)
+    return out
+
+
+def _upweight(run_: TaskRun, opts: SeparateConfig, rank: torch.Tensor, is_min: torch.Tensor, test_min,
+              recipe) -> dict[str, float]:
+    """Retrain with the top-ranked samples up-weighted; minority test accuracy vs the uniform retrain."""
+    task = run_.task
+    frac = opts.upweight_frac if opts.upweight_frac is not None else float(is_min.double().mean())
+    k = max(1, int(round(frac * len(rank))))
+    top = ranking_order(rank, seed=task.seed)[:k]
+    weighted = retrain_test_acc(task, upweighted(task.train, top, opts.upweight), recipe, test_min,
+                                "retrain (up-weighted)")
+    return {"minority_test_acc_weighted": weighted,
+            "minority_test_acc_uniform": unchanged_test_acc(task, recipe, test_min, "minority_test"),
+            "upweight_precision": float(is_min[top].double().mean()), "n_upweighted": k}
+
+
+def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
+    """Fit, rank, up-weight, retrain, and write the separation record; returns the metrics."""
+    opts = task_config(cfg.task, "separate")
+    pairwise = ("task.cross=true", "set task.cross=false to rank by self-influence only") if opts.cross else None
+    run_ = start_run(cfg, run_dir, logger, pairwise=pairwise, check=_check(cfg.data.name))
+    task, method, device = run_.task, run_.method, run_.settings.device
+    is_min, test_min = minority_mask(task.train, cfg.data.name), rows_where(task.test, minority_mask(task.test, ""))
+    with stage_timer(run_.times, "score", device):
+        scores = _scores(run_, opts, test_min)
+    metrics = ranking_metrics(scores["self"], is_min, "separate (is_minority)")
+    if opts.cross:
+        metrics |= {f"{k}_cross": v for k, v in ranking_metrics(scores["cross"], is_min, "separate").items()}
+    recipe = retrain_recipe(task.recipe, opts.retrain_epochs)
+    with stage_timer(run_.times, "retrain", device):
+        metrics |= _upweight(run_, opts, scores[opts.upweight_by], is_min, test_min, recipe)
+    metrics |= {"minority_frac": float(is_min.double().mean()), "upweight": opts.upweight,
+                "upweight_by": opts.upweight_by, "retrain_epochs": recipe.epochs,
+                "wall_s_retrain": run_.times["retrain"]} | record_fields(cfg, run_, "separate")
+    figures = {}
+    for kind, values in scores.items():
+        figures[f"{kind}_hist"] = run_dir / f"{kind}_influence_hist.png"
+        auroc = metrics["auroc" if kind == "self" else "auroc_cross"]
+        plots.plot_self_influence_hist(values, is_min, f"{method.name} {kind}-influence: AUROC {auroc:.4f}",
+                                       figures[f"{kind}_hist"], labels=LABELS)
+    saved = {"self_influence": scores["self"].float(), "is_minority": is_min, "index": task.train.index.cpu()}
+    if opts.cross:
+        saved["cross_influence"] = scores["cross"].float()
+    finish_run(run_, logger, metrics, saved, figures)
+    print(f"[separate] {method.name}: auroc={metrics['auroc']:.4f} auroc_cross={metrics.get('auroc_cross', float('nan')):.4f} "
+          f"minority acc weighted={metrics['minority_test_acc_weighted']:.4f} "
+          f"uniform={metrics['minority_test_acc_uniform']:.4f}")
+    return metrics
+
+
+@hydra.main(config_path="../configs", config_name="separate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    entry_point("separate")(run)(cfg)
+
+
+if __name__ == "__main__":
+    main()

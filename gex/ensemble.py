@@ -1,0 +1,237 @@
+"""The geometric ensemble (SPEC A1, B2.1a): members fine-tuned from theta* in cycles, one saved per cycle.
+
+Member ``i`` belongs to chain ``i % num_chains`` and is that chain's cycle ``i // num_chains`` (members of the
+chains interleaved, as the authors appended the D per-device snapshots after each stage). A cycle is
+``ft_step`` SGD steps of ``gex.train.sgd_steps`` from a fresh momentum buffer on the noisy, shuffled (and, by
+default, augmented) training stream, then ``update_bn`` and a snapshot of parameters and BN buffers.
+
+- ``members="chain"``: member ``i`` starts where member ``i - num_chains`` ended (theta* for the first cycle of
+  each chain), the FGE-style chain of the authors' code; with ``num_chains = C`` each chain runs ``ceil(M/C)``
+  cycles, the last round only on the chains needed to reach exactly M members.
+- ``members="independent"``: every member starts from theta* (an ablation).
+
+Each cycle draws its data order and its BN-refresh batches from its own generator, ``task.generator`` salted
+with the member index, so a member depends only on its start state and its index: resuming an interrupted
+build, or growing M, gives bitwise the same members as an uninterrupted run. Fine-tuning is exactly
+``M * ft_step`` optimizer steps. With a cache, one file per member (``member_<i>``) is written as soon as it is
+finished and members are loaded one at a time when iterated; without one they are kept in memory.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from torch import Tensor
+
+from gex.attribution import InfluenceTask
+from gex.runs import atomic_save, load_artifact
+from gex.train import TrainConfig, batch_stream, clone_model, sgd_steps, snapshot, update_bn
+
+__all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "cycle_recipe", "member_start",
+           "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Tensor]
+FT_SCHEDULES = ("cosine", "constant")
+MEMBER_MODES = ("chain", "independent")
+CONSTANT_CLIP_NORM = 1.0  # the authors clip the global gradient norm at 1 with the constant schedule
+_SALT = 0x6E5E  # separates the ensemble's random streams from those of other methods
+
+
+@dataclass
+class EnsembleConfig:
+    """How the members are made (the authors' ``ft_*`` flags; defaults: our CPU setting, SPEC A4/B9).
+
+    Attributes:
+        num_members: M, the number of members (not part of the cache key: member i does not depend on M).
+        ft_step: SGD steps per cycle.
+        ft_lr: peak learning rate of a cycle.
+        ft_schedule: ``cosine`` (ft_lr to 0 over the cycle, no warmup) or ``constant`` (with gradient-norm
+            clipping at ``CONSTANT_CLIP_NORM``, the authors' pruning setting).
+        ft_batch_size: samples per fine-tuning step.
+        ft_augment: fine-tune (and refresh BN) on the augmented view, as the authors' code; independent of
+            pretraining's augmentation switch. Off, members may stay memorized (SPEC A5).
+        num_chains: parallel chains (the authors ran one per device); 1 = one chain of M cycles.
+        members: ``chain`` (each cycle continues the chain) or ``independent`` (each member from theta*).
+        weight_decay: L2 coefficient on all parameters.
+        momentum: heavy-ball momentum (the buffer restarts every cycle).
+        bn_batches: train-view batches of the BN-statistics refresh after each cycle.
+    """
+
+    num_members: int = 8
+    ft_step: int = 200
+    ft_lr: float = 0.05
+    ft_schedule: str = "cosine"
+    ft_batch_size: int = 128
+    ft_augment: bool = True
+    num_chains: int = 1
+    members: str = "chain"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    bn_batches: int = 50
+
+    def __post_init__(self) -> None:
+        for key in ("num_members", "ft_step", "ft_batch_size", "num_chains", "bn_batches"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key}={value!r} is invalid; it must be a positive integer")
+        if not self.ft_lr > 0:
+            raise ValueError(f"ft_lr={self.ft_lr!r} is invalid; it must be positive")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"weight_decay={self.weight_decay!r}, momentum={self.momentum!r} are invalid; "
+                             f"need weight_decay >= 0 and 0 <= momentum < 1")
+        if self.ft_schedule not in FT_SCHEDULES:
+            raise ValueError(f"ft_schedule={self.ft_schedule!r} is unknown; valid choices: {list(FT_SCHEDULES)}")
+        if self.members not in MEMBER_MODES:
+            raise ValueError(f"members={self.members!r} is unknown; valid choices: {list(MEMBER_MODES)}")
+        if self.num_chains > self.num_members:
+            raise ValueError(f"num_chains={self.num_chains} exceeds num_members={self.num_members}; "
+                             f"use at most one chain per member")
+        if self.members == "independent" and self.num_chains != 1:
+            raise ValueError(f"num_chains={self.num_chains} applies to members='chain' only; "
+                             f"set num_chains=1 with members='independent'")
+
+    def member_spec(self) -> dict[str, Any]:
+        """The fields that determine member i (all but ``num_members``), for the cache key."""
+        return {k: v for k, v in asdict(self).items() if k != "num_members"}
+
+
+def member_start(cfg: EnsembleConfig, index: int) -> int | None:
+    """The member whose end state member ``index`` starts from, or None for theta*."""
+    if cfg.members == "independent" or index < cfg.num_chains:
+        return None
+    return index - cfg.num_chains
+
+
+def cycle_recipe(cfg: EnsembleConfig, loss: str) -> TrainConfig:
+    """The ``TrainConfig`` of one cycle: pure cosine (warmup 0) or constant with clipping, ``ft_step`` steps."""
+    constant = cfg.ft_schedule == "constant"
+    return TrainConfig(epochs=1, steps=cfg.ft_step, batch_size=cfg.ft_batch_size, lr=cfg.ft_lr,
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_frac=0.0,
+                       schedule="constant" if constant else "warmup_cosine",
+                       clip_norm=CONSTANT_CLIP_NORM if constant else None, augment=cfg.ft_augment,
+                       ckpt_fracs=[1.0], bn_batches=cfg.bn_batches, loss=loss)
+
+
+def run_cycle(task: InfluenceTask, cfg: EnsembleConfig, start: State, index: int,
+              on_step: Callable[..., None] | None = None) -> State:
+    """One cycle from ``start``: ``ft_step`` SGD steps, BN refresh, snapshot (theta* itself is left untouched).
+
+    Args:
+        task: the pretrained task (its train split, loss, device and seed).
+        cfg: the ensemble config.
+        start: parameters and buffers to start from (a ``snapshot``).
+        index: the member index; it salts the cycle's data-order and BN generators.
+        on_step: passed to ``sgd_steps`` (called after each step with step, batch, logits, lr).
+
+    Returns:
+        The member's parameters and BN buffers, on CPU.
+    """
+    model = clone_model(task.model)
+    model.load_state_dict(start)
+    recipe = cycle_recipe(cfg, task.loss)
+    stream = batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * index),
+                          task.device)
+    sgd_steps(model, stream, cfg.ft_step, recipe, on_step=on_step, desc=f"ensemble member {index}")
+    update_bn(model, task.train, recipe, task.generator(_SALT + 2 * index + 1), task.device)
+    return snapshot(model)
+
+
+class Ensemble:
+    """The M members, each a ``snapshot`` dict; loaded one at a time when they live in the cache.
+
+    Args:
+        size: M.
+        loader: member index -> state dict.
+        where: a description for logs (the cache folder or ``memory``).
+    """
+
+    def __init__(self, size: int, loader: Callable[[int], State], where: str = "memory"):
+        self._size, self._loader, self.where = size, loader, where
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> State:
+        if not 0 <= index < self._size:
+            raise IndexError(f"ensemble member {index} out of range (M={self._size})")
+        return self._loader(index)
+
+    def __iter__(self) -> Iterator[State]:
+        return (self[i] for i in range(self._size))
+
+
+class _MemberStore:
+    """Members in the artefact cache (one file each, kind ``ensemble``) or, without a cache, in memory."""
+
+    def __init__(self, task: InfluenceTask, cfg: EnsembleConfig):
+        self.memory: dict[int, State] = {}
+        self.folder: Path | None = None
+        if task.cache is not None:
+            if not task.cache_spec:
+                raise ValueError("task.cache_spec is empty: ensemble members cannot be keyed to theta*; build the "
+                                 "task with gex.pipeline.pretrained_task or pass cache=None")
+            spec = {"pretrain": task.cache_spec, "loss": task.loss, "ensemble": cfg.member_spec()}
+            self.folder = task.cache.directory("ensemble", spec)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"member_{index}.pt"
+
+    def has(self, index: int) -> bool:
+        return index in self.memory if self.folder is None else self._path(index).is_file()
+
+    def get(self, index: int) -> State:
+        if self.folder is None:
+            return self.memory[index]
+        return load_artifact(self._path(index), f"ensemble member {index}")
+
+    def put(self, index: int, state: State) -> None:
+        if self.folder is None:
+            self.memory[index] = state
+        else:
+            atomic_save(state, self._path(index))  # the member file appears whole or not at all
+
+    def ensemble(self, size: int) -> Ensemble:
+        return Ensemble(size, self.get, str(self.folder) if self.folder is not None else "memory")
+
+
+def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
+                   on_step: Callable[..., None] | None = None) -> Ensemble:
+    """Build (or load, or finish) the M members of ``cfg`` for ``task``.
+
+    Finished members found in ``task.cache`` are reused (a log line says how many); a missing member is trained
+    from its start state (theta* or the saved member it continues), so an interrupted build resumes where it
+    stopped and gives the same members as an uninterrupted one.
+
+    Args:
+        task: the pretrained task; ``task.cache`` (None = in memory) holds one file per member.
+        cfg: the ensemble config.
+        on_step: per-step callback of the fine-tuning (counting, logging).
+
+    Returns:
+        The ensemble, ``len == cfg.num_members``.
+
+    Raises:
+        ValueError: a cache without ``task.cache_spec`` to key the members.
+    """
+    store = _MemberStore(task, cfg)
+    theta_star = snapshot(task.model)
+    trained = 0
+    for index in range(cfg.num_members):
+        if store.has(index):
+            continue
+        source = member_start(cfg, index)
+        start = theta_star if source is None else store.get(source)
+        begin = time.perf_counter()
+        store.put(index, run_cycle(task, cfg, start, index, on_step))
+        trained += 1
+        log.info("ensemble member %d/%d trained in %.1fs", index + 1, cfg.num_members, time.perf_counter() - begin)
+    ensemble = store.ensemble(cfg.num_members)
+    if trained < cfg.num_members:
+        log.info("ensemble: reused %d of %d finished members from %s", cfg.num_members - trained,
+                 cfg.num_members, ensemble.where)
+    return ensemble

@@ -1,0 +1,216 @@
+"""GEX and its ablations (SPEC A1, B2.1b): influence as the covariance of loss deviations over a geometric
+ensemble.
+
+With member losses ``L[i, m] = l_i(theta_m)`` (eval mode, each member's own BN statistics) and the clamped
+reference ``r_i = max(l_i(theta*), eps)``, the deviations are ``D[i, m] = L[i, m] - r_i`` and
+
+- self-influence ``I_i = (1/M) sum_m D[i, m]^2`` (higher = more influential);
+- pairwise influence ``I_ij = (1/M) sum_m D[i, m] D[j, m]`` for train i and test j (positive = a proponent);
+- the authors' cross-influence against the *mean* test loss (``influence_on_mean_test``).
+
+``eps`` (the authors' ``gex_eps`` = 0.05) clamps only the reference. A well-fit sample whose members stay below
+``eps`` deviates by about ``-eps`` (score floor ``eps**2``); when most samples' members stay below ``eps`` the
+score ``(eps - L)^2`` *falls* as the member loss rises and the ranking inverts (SPEC A5): ``self_influence``
+then warns loudly. Set ``eps`` below the loss scale of the task (e.g. 0 disables the clamp).
+
+    scores = GEX(num_members=8, ft_step=100, ft_lr=0.05).fit(task).self_influence(task.train)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from gex.attribution import Attributor, InfluenceTask, register
+from gex.data import LabeledData
+from gex.ensemble import Ensemble, EnsembleConfig, build_ensemble
+from gex.influence import (linearized_losses, loss_deviations, losses_for_states, param_names, params_vector,
+                           per_sample_losses)
+
+__all__ = ["GEX", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning"]
+
+log = logging.getLogger(__name__)
+
+
+class ClampRegimeWarning(UserWarning):
+    """Most samples' member losses stay below eps: the clamp inverts GEX's ranking (SPEC A5)."""
+
+
+@register("gex")
+class GEX(Attributor):
+    """GEX: loss-deviation covariance over a geometric ensemble.
+
+    Args:
+        num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment, num_chains, members, weight_decay,
+            momentum, bn_batches: the ensemble (see ``gex.ensemble.EnsembleConfig``).
+        eps: tau, the clamp of the reference loss, ``max(l(theta*), eps)`` (the authors' 0.05); >= 0.
+        top_frac: share of samples counted as "top" (highest self-influence) in ``diagnostics``.
+        warn_below_frac: warn when more than this share of samples has a median member loss below eps.
+        batch_size: samples per evaluation forward.
+    """
+
+    uses_clamp = True  # GEXMeanLoss has no reference, hence no clamp to invert
+
+    def __init__(self, num_members: int = 8, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
+                 ft_batch_size: int = 128, ft_augment: bool = True, num_chains: int = 1, members: str = "chain",
+                 eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 50,
+                 top_frac: float = 0.1, warn_below_frac: float = 0.5, batch_size: int = 1024):
+        self.config = EnsembleConfig(num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment,
+                                     num_chains, members, weight_decay, momentum, bn_batches)
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps={eps!r} is invalid; it must be >= 0 (0 disables the clamp)")
+        if not 0 < top_frac < 1 or not 0 < warn_below_frac <= 1:
+            raise ValueError(f"top_frac={top_frac!r}, warn_below_frac={warn_below_frac!r} are invalid; "
+                             f"need 0 < top_frac < 1 and 0 < warn_below_frac <= 1")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r} is invalid; it must be positive")
+        self.eps, self.top_frac, self.warn_below_frac, self.batch_size = float(eps), top_frac, warn_below_frac, batch_size
+        self.ensemble: Ensemble | None = None
+        self._losses: dict[tuple[str, int], tuple[LabeledData, Tensor]] = {}
+        self._diagnostics: dict[str, float] = {}
+
+    def fit(self, task: InfluenceTask) -> "GEX":
+        """Build (or load from ``task.cache``, or resume) the ensemble."""
+        super().fit(task)
+        self.ensemble = build_ensemble(task, self.config)
+        self._losses.clear()
+        return self
+
+    # ------------------------------------------------------------------------------------------- losses
+
+    def _cached(self, kind: str, data: LabeledData, compute) -> Tensor:
+        """Per-dataset memo (keyed by the object), so self-influence and influence share one loss pass."""
+        entry = self._losses.get((kind, id(data)))
+        if entry is None or entry[0] is not data:
+            entry = (data, compute(data))
+            self._losses[(kind, id(data))] = entry
+        return entry[1]
+
+    def member_losses(self, data: LabeledData) -> Tensor:
+        """``L[i, m]``: eval-mode loss of each sample (label ``data.y``) under each member, shape ``(n, M)``."""
+        self._require_fit()
+        return self._cached("members", data, self._member_losses)
+
+    def _member_losses(self, data: LabeledData) -> Tensor:
+        task = self._require_fit()
+        return losses_for_states(task.model, self.ensemble, data, task.loss, self.batch_size,
+                                 desc=f"{self.name} member losses")
+
+    def reference_losses(self, data: LabeledData) -> Tensor:
+        """``l_i(theta*)``, unclamped, shape ``(n,)``."""
+        task = self._require_fit()
+        return self._cached("reference", data, lambda d: per_sample_losses(task.model, d, task.loss, self.batch_size))
+
+    def loss_deviations(self, data: LabeledData) -> Tensor:
+        """``D[i, m] = L[i, m] - max(l_i(theta*), eps)``, shape ``(n, M)``."""
+        return loss_deviations(self.member_losses(data), self.reference_losses(data), self.eps)
+
+    # ------------------------------------------------------------------------------------------- scores
+
+    def self_influence(self, data: LabeledData) -> Tensor:
+        """``mean_m D[i, m]^2``, shape ``(n,)``, >= 0; higher = more influential. Records ``diagnostics``."""
+        scores = self.loss_deviations(data).pow(2).mean(dim=1)
+        self._record_diagnostics(data, scores)
+        return scores
+
+    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """``D_train D_test^T / M``, shape ``(n_train, n_test)``; positive = the train sample lowers the test loss.
+
+        Each test sample has its own clamped reference ``max(l_j(theta*), eps)``, so ``influence(...).mean(1)``
+        is ``D_train @ mean_j D[j]`` / M: the clamp sits *inside* the test mean (compare
+        ``influence_on_mean_test``). The diagonal for ``test is train`` equals ``self_influence``.
+        """
+        dev_train = self.loss_deviations(train)
+        dev_test = self.loss_deviations(test)
+        return dev_train @ dev_test.T / dev_train.shape[1]
+
+    def influence_on_mean_test(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """The authors' cross-influence on the mean test loss, shape ``(n_train,)``.
+
+        ``I_i = (1/M) sum_m D[i, m] (T_m - t)`` with ``T_m`` the mean test loss under member m and
+        ``t = max(mean_j l_j(theta*), eps)``: the clamp applies to the *mean* test loss, unlike
+        ``influence(train, test).mean(1)``, which clamps each test sample's reference (they agree when no test
+        reference is clamped, e.g. ``eps = 0``).
+        """
+        dev_train = self.loss_deviations(train)
+        test_mean = self.member_losses(test).mean(dim=0)                    # (M,)
+        reference = self.reference_losses(test).mean().clamp(min=self.eps)  # scalar
+        return dev_train @ (test_mean - reference) / dev_train.shape[1]
+
+    # ------------------------------------------------------------------------------------- diagnostics
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers from the last ``self_influence`` call.
+
+        ``member_loss_top`` / ``member_loss_rest``: median over samples of the per-sample median member loss, for
+        the top ``top_frac`` by self-influence and the others; ``member_loss_noisy`` / ``member_loss_clean``: the
+        same for mislabeled / other samples (when the data has noisy labels); ``frac_below_eps``: share of
+        samples whose median member loss is below eps.
+        """
+        return dict(self._diagnostics)
+
+    def _record_diagnostics(self, data: LabeledData, scores: Tensor) -> None:
+        median = self.member_losses(data).double().quantile(0.5, dim=1)    # (n,) per-sample median over m
+        top = torch.zeros(len(scores), dtype=torch.bool)
+        top[scores.topk(max(1, math.ceil(self.top_frac * len(scores)))).indices] = True
+        groups = {"member_loss_top": top, "member_loss_rest": ~top}
+        noisy = data.is_noisy.cpu()
+        if noisy.any() and (~noisy).any():
+            groups |= {"member_loss_noisy": noisy, "member_loss_clean": ~noisy}
+        diag = {k: float(median[m].quantile(0.5)) if m.any() else float("nan") for k, m in groups.items()}
+        diag["frac_below_eps"] = float((median < self.eps).double().mean())
+        self._diagnostics = diag
+        if self.uses_clamp and diag["frac_below_eps"] > self.warn_below_frac:
+            message = (f"{self.name}: the median member loss is below eps={self.eps:g} for "
+                       f"{diag['frac_below_eps']:.0%} of the samples; there the score (eps - loss)^2 falls as the "
+                       f"member loss rises, so the clamp inverts the ranking (SPEC A5). Fine-tune harder "
+                       f"(ft_augment=true, larger ft_lr or ft_step) or set eps below the loss scale")
+            log.warning(message)
+            warnings.warn(message, ClampRegimeWarning, stacklevel=3)
+
+
+@register("gex_lin")
+class GEXLin(GEX):
+    """GEX-lin: the same members, but losses of the linearized network ``f(theta*) + J (theta_m - theta*)``.
+
+    Isolates the effect of linearization (SPEC A1): the Jacobian and BN statistics are theta*'s for every member.
+    Options as ``GEX``.
+    """
+
+    def _member_losses(self, data: LabeledData) -> Tensor:
+        task = self._require_fit()
+        return linearized_losses(task.model, data, self._deltas(), task.loss, self.batch_size,
+                                 desc=f"{self.name} linearized losses")
+
+    def _deltas(self) -> Iterator[Tensor]:
+        """``theta_m - theta*`` as flat ``(P,)`` vectors, one member loaded at a time."""
+        model = self._require_fit().model
+        names, theta = param_names(model), params_vector(model)
+        for state in self.ensemble:
+            yield torch.cat([state[n].reshape(-1) for n in names]).to(theta) - theta
+
+
+@register("gex_mean_loss")
+class GEXMeanLoss(GEX):
+    """Ablation: the mean member loss ``(1/M) sum_m L[i, m]``, no reference and no clamp (SPEC A5).
+
+    Options as ``GEX``; ``eps`` only sets the ``frac_below_eps`` diagnostic. It has no pairwise form.
+    """
+
+    uses_clamp = False
+
+    def self_influence(self, data: LabeledData) -> Tensor:
+        """Mean member loss, shape ``(n,)``; higher = more influential."""
+        scores = self.member_losses(data).mean(dim=1)
+        self._record_diagnostics(data, scores)
+        return scores
+
+    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
+        raise NotImplementedError(f"method {self.name!r} has no pairwise influence; use self_influence")
+
+    def influence_on_mean_test(self, train: LabeledData, test: LabeledData) -> Tensor:
+        raise NotImplementedError(f"method {self.name!r} has no pairwise influence; use self_influence")

@@ -1,0 +1,103 @@
+"""The pretrain entry point end to end: run record, cache reuse, W&B offline, and one-line bad-input errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments.common import RunLogger, settings_from
+from experiments.pretrain import run
+from gex.data import DataConfig, NoiseConfig, load_data
+from gex.models import ModelConfig
+from gex.pipeline import pretrained_task
+from gex.runs import ArtifactCache
+from gex.train import TrainConfig
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+TINY = ["data=digits", "data.n_train=150", "data.n_test=50", "model=mlp", "model.options.hidden=16", "train=smoke"]
+
+
+def _compose(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.cache={tmp_path / 'cache'}", *overrides],
+                       return_hydra_config=False)
+
+
+def test_run_writes_the_record_and_the_second_run_reuses_the_checkpoint(tmp_path):
+    cfg = _compose(tmp_path, "logger=none")
+    first = run(cfg, tmp_path / "r1", RunLogger(cfg, tmp_path / "r1", "pretrain"))
+    second = run(cfg, tmp_path / "r2", RunLogger(cfg, tmp_path / "r2", "pretrain"))
+    metrics = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    for key in ("train_acc", "noisy_fit", "test_acc", "wall_s"):
+        assert 0 <= metrics[key] and (key == "wall_s" or metrics[key] <= 1)
+    assert (tmp_path / "r1" / "config.yaml").read_text().count("n_train: 150") == 1
+    assert first["reused_checkpoint"] == 0 and second["reused_checkpoint"] == 1
+    assert second["wall_s_train"] == 0.0
+    assert {k: second[k] for k in ("train_acc", "test_acc")} == {k: first[k] for k in ("train_acc", "test_acc")}
+
+
+def test_noisy_fit_counts_mislabeled_samples_predicted_as_their_noisy_label():
+    data, noise = DataConfig(name="digits", n_train=100, n_test=30), NoiseConfig(rate=0.3)
+    bundle = load_data(data, noise, 0)
+    task = pretrained_task(bundle, ModelConfig("mlp", options={"hidden": 8}), TrainConfig(epochs=1, bn_batches=1),
+                           seed=0, data_cfg=data, noise_cfg=noise, device="cpu")
+    from gex.pipeline import pretrain_metrics
+    from gex.train import eval_logits
+    pred = eval_logits(task.model, task.train).argmax(-1)
+    noisy = task.train.is_noisy
+    assert pretrain_metrics(task)["noisy_fit"] == pytest.approx((pred[noisy] == task.train.y[noisy]).float().mean())
+
+
+def test_wandb_offline_creates_a_local_run_and_no_network(tmp_path):
+    cfg = _compose(tmp_path, "logger=wandb", "logger.mode=offline")
+    env_before = os.environ.get("WANDB_BASE_URL")
+    os.environ["WANDB_BASE_URL"] = "http://127.0.0.1:9"  # any network attempt would fail loudly
+    try:
+        run(cfg, tmp_path / "r", logger := RunLogger(cfg, tmp_path / "r", "pretrain"))
+        logger.summary({"x": 1.0})
+        logger.finish()
+    finally:
+        os.environ.pop("WANDB_BASE_URL") if env_before is None else os.environ.update(WANDB_BASE_URL=env_before)
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_settings_reject_unknown_keys_and_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) data.colour"):
+        settings_from(_compose(tmp_path, "+data.colour=red"))
+    with pytest.raises(ValueError, match=r"noise.rate must be in \[0, 1\)"):
+        settings_from(_compose(tmp_path, "noise.rate=1.5"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.name=nope", "data.name must be one of"),
+    ("noise.kind=weird", "noise.kind"),
+    ("train.epochs=0", "train.epochs must be positive"),
+    ("model.name=transformer", "model.name='transformer' is unknown"),
+    ("data.name=mnist", "data.download=true"),  # no MNIST files under an empty data root
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.pretrain", *TINY, "logger=wandb", f"paths.cache={tmp_path / 'c'}",
+           f"paths.data={tmp_path / 'd'}", f"hydra.run.dir={run_dir}", override]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+    assert not run_dir.exists() and not (tmp_path / "c").exists()
+
+
+def test_a_finished_run_with_another_config_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 99\n")
+    (run_dir / "metrics.json").write_text('{"train_acc": 0.5}')
+    cmd = [sys.executable, "-m", "experiments.pretrain", *TINY, "logger=none", f"paths.cache={tmp_path / 'c'}",
+           f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 2 and "already holds a finished run with a different config" in out.stderr
+    assert (run_dir / "metrics.json").read_text() == '{"train_acc": 0.5}'
