@@ -19,22 +19,22 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-__all__ = ["FORMATS", "save_figure", "plot_self_influence_hist", "plot_self_influence_panel",
+__all__ = ["FORMATS", "as_numpy", "save_figure", "plot_self_influence_hist", "plot_self_influence_panel",
            "found_curve", "plot_detection_curve", "plot_pruning_curves", "plot_relabel_bars", "plot_cost_quality",
            "plot_toy_panel", "plot_groundtruth_scatter"]
 
 FORMATS = ("png", "pdf")
 DPI = 150                 # PNG resolution; PDF is vector
 PANEL_SIZE = (4.0, 3.0)   # inches per subplot
-PAD_INCHES = 0.05         # margin around the saved figure
 HIST_BINS = 50
 BAND_ALPHA = 0.2          # opacity of the over-seed bands
 HIST_ALPHA = 0.6
+HIST_YMIN = 0.8          # log-count axis floor: a bin holding 1 sample stays visible
 BAR_MIN_SPAN = 1e-3     # smallest y-span of the relabel bar zoom
 CLASS_COLORS = ("tab:blue", "tab:red")   # clean / flagged (noisy, minority, influential)
 
 
-def _np(values: Any) -> np.ndarray:
+def as_numpy(values: Any) -> np.ndarray:
     """Any array-like (torch tensors included, on any device) as a NumPy array."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
@@ -64,9 +64,7 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{final.name}.", suffix=f".tmp.{ext}")
         os.close(fd)
         try:
-            # constrained layout places the axes; "tight" only widens the canvas where it still clips the
-            # outermost colorbar's tick labels (a constrained-layout quirk)
-            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", pad_inches=PAD_INCHES)
+            fig.savefig(tmp, format=ext, dpi=DPI)   # constrained layout already fits the labels
             os.replace(tmp, final)
             # the layout is in figure coordinates, so the first format's serves the rest (it costs a full draw)
             fig.set_layout_engine("none")
@@ -93,21 +91,33 @@ def _check_mask(scores: np.ndarray, mask: np.ndarray, what: str) -> None:
                          f"and {mask.shape}")
 
 
-def _hist(ax, scores: Any, mask: Any, title: str, labels: Sequence[str], bins: int) -> None:
-    """Clean vs flagged histograms on shared bins with log-scaled counts (the paper's Fig. 1 style)."""
-    scores, mask = _np(scores).astype(float), _np(mask).astype(bool)
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as plain numbers (1, 10, 200, not 10^0), minor ticks labelled when the span is short."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
+def _hist(ax, scores: Any, mask: Any, title: str, labels: Sequence[str], bins: int,
+          xlabel: str = "self-influence") -> None:
+    """Clean vs flagged histograms on shared bins with log-scaled counts (the paper's Fig. 1 style).
+
+    Non-finite scores (samples a method did not score) are left out of the bins and the legend counts.
+    """
+    scores, mask = as_numpy(scores).astype(float), as_numpy(mask).astype(bool)
     _check_mask(scores, mask, title)
-    edges = np.histogram_bin_edges(scores[np.isfinite(scores)], bins=bins)
-    for part, label, color in ((~mask, labels[0], CLASS_COLORS[0]), (mask, labels[1], CLASS_COLORS[1])):
+    ok = np.isfinite(scores)
+    edges = np.histogram_bin_edges(scores[ok], bins=bins) if ok.any() else bins
+    for part, label, color in ((~mask & ok, labels[0], CLASS_COLORS[0]), (mask & ok, labels[1], CLASS_COLORS[1])):
         if part.any():
             ax.hist(scores[part], bins=edges, alpha=HIST_ALPHA, color=color, label=f"{label} ({part.sum()})")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))   # 1, 10, 100, not 10^0
-    ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
-    ax.set_xlabel("self-influence")
+    ax.set_ylim(bottom=HIST_YMIN)
+    _plain_log_ticks(ax.yaxis)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("count (log)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if ok.any():
+        ax.legend(fontsize=8)
 
 
 def plot_self_influence_hist(scores: Any, is_noisy: Any, title: str, path: str | Path, *,
@@ -133,7 +143,8 @@ def plot_self_influence_hist(scores: Any, is_noisy: Any, title: str, path: str |
 
 def plot_self_influence_panel(panels: Sequence[tuple[Any, Any, str]], path: str | Path, *,
                               labels: Sequence[str] = ("clean", "noisy"), bins: int = HIST_BINS,
-                              ncols: int = 3, suptitle: str | None = None) -> list[Path]:
+                              ncols: int = 3, suptitle: str | None = None,
+                              xlabel: str = "self-influence") -> list[Path]:
     """Fig. 1 panel: one self-influence histogram per method.
 
     Args:
@@ -143,6 +154,7 @@ def plot_self_influence_panel(panels: Sequence[tuple[Any, Any, str]], path: str 
         bins: histogram bins per subplot.
         ncols: subplots per row.
         suptitle: optional figure title.
+        xlabel: score axis label (e.g. ``"log10 self-influence"`` for scores passed in log scale).
 
     Returns:
         ``[png, pdf]``.
@@ -154,7 +166,7 @@ def plot_self_influence_panel(panels: Sequence[tuple[Any, Any, str]], path: str 
         raise ValueError("panels is empty; give at least one (scores, mask, title)")
     fig, axes = _grid(len(panels), ncols)
     for ax, (scores, mask, title) in zip(axes, panels):
-        _hist(ax, scores, mask, title, labels, bins)
+        _hist(ax, scores, mask, title, labels, bins, xlabel)
     if suptitle:
         fig.suptitle(suptitle)
     return save_figure(fig, path)
@@ -166,7 +178,7 @@ def found_curve(scores: Any, is_noisy: Any) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(inspected (n + 1,), found (n + 1,))``, both starting at 0 and ending at 1.
     """
-    scores, mask = _np(scores).astype(float), _np(is_noisy).astype(bool)
+    scores, mask = as_numpy(scores).astype(float), as_numpy(is_noisy).astype(bool)
     _check_mask(scores, mask, "detection curve")
     order = np.argsort(-scores, kind="stable")
     found = np.concatenate([[0.0], np.cumsum(mask[order]) / max(int(mask.sum()), 1)])
@@ -188,7 +200,7 @@ def plot_detection_curve(scores: Mapping[str, Any], is_noisy: Any, title: str, p
     fig, (ax,) = _grid(1, 1)
     for name, values in scores.items():
         ax.plot(*found_curve(values, is_noisy), label=name)
-    rate = float(_np(is_noisy).mean())
+    rate = float(as_numpy(is_noisy).mean())
     ax.plot([0, rate, 1], [0, 1, 1], "k:", label="oracle")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", label="random")
     ax.set_xlabel("fraction of training set inspected")
@@ -224,7 +236,7 @@ def plot_pruning_curves(curves: Mapping[str, tuple[Sequence[float], Any]], title
     """
     fig, (ax,) = _grid(1, 1)
     for name, (pcts, acc) in curves.items():
-        pcts, acc = np.asarray(pcts, dtype=float), np.atleast_2d(_np(acc).astype(float))
+        pcts, acc = np.asarray(pcts, dtype=float), np.atleast_2d(as_numpy(acc).astype(float))
         if acc.shape[1] != len(pcts):
             raise ValueError(f"pruning curve {name!r}: accuracies {acc.shape} do not match {len(pcts)} pcts")
         mean, std = _mean_std(acc)
@@ -285,6 +297,7 @@ def plot_cost_quality(points: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.errorbar([cx], [qy], xerr=[sx], yerr=[sy], fmt="o", capsize=3, label=name)
         ax.annotate(name, (cx, qy), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -311,12 +324,12 @@ def plot_toy_panel(x: Any, scores: Mapping[str, Any], is_influential: Any, title
     Raises:
         ValueError: when ``x`` is not ``(n, 2)``, ``scores`` is empty, or shapes disagree.
     """
-    x, mask = _np(x).astype(float), _np(is_influential).astype(bool)
+    x, mask = as_numpy(x).astype(float), as_numpy(is_influential).astype(bool)
     if x.ndim != 2 or x.shape[1] != 2 or not scores:
         raise ValueError(f"toy panel: x must be (n, 2) and scores non-empty; got x {x.shape}, {len(scores)} scores")
     fig, axes = _grid(len(scores), ncols)
     for ax, (name, values) in zip(axes, scores.items()):
-        values = _np(values).astype(float)
+        values = as_numpy(values).astype(float)
         _check_mask(values, mask, name)
         dots = ax.scatter(x[:, 0], x[:, 1], c=values, s=12, cmap="viridis")
         ax.scatter(x[mask, 0], x[mask, 1], s=60, facecolors="none", edgecolors=CLASS_COLORS[1], linewidths=1)
@@ -348,7 +361,7 @@ def plot_groundtruth_scatter(predicted: Any, measured: Any, title: str, path: st
     """
     from scipy.stats import spearmanr
 
-    pred, meas = _np(predicted).astype(float).ravel(), _np(measured).astype(float).ravel()
+    pred, meas = as_numpy(predicted).astype(float).ravel(), as_numpy(measured).astype(float).ravel()
     if pred.shape != meas.shape:
         raise ValueError(f"groundtruth scatter: predicted {pred.shape} and measured {meas.shape} differ")
     fig, (ax,) = _grid(1, 1)

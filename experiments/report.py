@@ -13,19 +13,21 @@ missing the task's required metrics, duplicated, another ``config_version``), an
 - ``summary.md``: one page linking all of it, with the problems found and the command that regenerates it.
 
 What the figures read from ``scores.pt``: ``self_influence`` (n,) with ``is_noisy`` (detect); per-estimator
-scores as ``<m>.self_influence`` keys or a ``self_influence`` dict, a mask ``is_influential``/``is_minority``/
-``is_noisy`` and optionally ``x`` (n, 2) (toy); ``predicted`` and ``measured`` (or ``<m>.predicted`` /
+scores as ``<m>.self_influence`` keys, a ``self_influence`` dict or bare ``<m>`` keys for the estimators with a
+``<m>.auroc`` metric, a mask ``is_influential``/``is_minority``/``is_noisy`` and, for the scatter panel rather
+than histograms, ``x`` (n, 2) (toy); ``predicted`` and ``measured`` (or ``<m>.predicted`` /
 ``<m>.measured``) (groundtruth). A figure whose inputs are absent is skipped with a note in the summary.
 
-Settings are ``data`` + noise kind and rate, plus any other config key (``train.*``, ``model.*``, ``task.*``)
-that differs between runs of the same data and noise, so differently configured runs are never averaged
-together; likewise two configurations of one method in one setting get their differing keys in the row label.
+Settings are ``data`` + noise kind and rate, plus any other config key (``train.*``, ``model.*``, ...) that
+differs between runs of the same data and noise, so differently configured runs are never averaged together;
+likewise two configurations of one method in one setting get their differing ``method.*``/``task.*`` keys in the
+row label. With the logger on, the tables (``wandb.Table``) and PNGs also go to W&B (offline by default) in the
+Hydra run directory, which is ``out``.
 """
 from __future__ import annotations
 
 import glob
 import json
-import logging
 import math
 import os
 import platform
@@ -52,8 +54,6 @@ __all__ = ["REQUIRED", "TABLES", "TableSpec", "Cell", "Table", "load_runs", "lon
            "bootstrap_ci", "summarize", "build_table", "render_markdown", "render_latex", "table_frame",
            "write_report", "run", "main"]
 
-log = logging.getLogger("gex")
-
 # Minimal metrics a finished run of each task must hold (regexes; ``<method>.`` prefixes also satisfy them).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "pretrain": ("train_acc", "test_acc"), "detect": ("auroc", "ap"), "relabel": ("test_acc", "test_acc_no_relabel"),
@@ -63,14 +63,18 @@ IGNORED_CONFIG = ("paths.", "logger.", "hydra.", "device", "threads", "data.root
 SKIP_DIRS = {"wandb", ".hydra", "__pycache__", ".git"}
 META = ("task", "setting", "method", "variant", "data", "noise_kind", "noise_rate", "model", "seed", "path",
         "config_version")
-REFERENCE_ROWS = ("random", "no relabel", "oracle")    # listed last in every table
+REFERENCE_ROWS = ("random", "no relabel", "oracle", "loo")   # listed last in every table
+UNRANKED_ROWS = ("oracle", "loo")    # ground truth / upper bounds: never bold, they are not competitors
 LOWER_IS_BETTER = re.compile(r"(wall_s.*|peak_mem_mb|.*time_ratio|ratio_to_floor)")
 HIGHER_IS_BETTER = re.compile(r"(auroc.*|ap|ap_.*|.*acc.*|found_at_\d+|.*spearman.*|.*pearson.*|lds|"
                               r"samples_per_s|flag_precision|flag_recall)")
 ROW_COLUMN = {"pretrain": "model"}   # pretraining has no method: one row per model
+ROW_KEYS = ("method.", "task.")      # config keys that tell rows (how a method is applied) apart, not settings
 FLOAT_DIGITS = 4                     # decimals shown in a column whose values are all below LARGE
 LARGE_DIGITS = 1                     # decimals otherwise (seconds, megabytes)
 LARGE = 10.0
+LOG_FLOOR = 1e-12                    # toy histograms bin log10(max(score, LOG_FLOOR))
+TIE_TOL = 1e-12                      # means this close to the best are bold too
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ def _read_run(run_dir: Path) -> tuple[dict | None, str | None]:
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
         return None, f"unreadable: {run_dir}: {type(err).__name__}: {err}; left out"
+    if not isinstance(metrics, dict) or not isinstance(cfg or {}, dict):
+        return None, f"unreadable: {run_dir}: metrics.json or config.yaml is not a mapping; left out"
     flat = _flatten(cfg or {})
     task = str(metrics.get("task") or flat.get("task.name") or "unknown")
     missing = _missing_required(task, metrics)
@@ -210,22 +216,23 @@ def _varying(records: list[dict], keep: Any) -> list[str]:
 
 
 def _label(records: list[dict]) -> None:
-    """Set ``setting`` (data, noise, other differing keys) and ``variant`` (method + differing method keys)."""
+    """Set ``setting`` (data, noise, other differing keys) and ``variant`` (method + its differing ``method.*``
+    and ``task.*`` keys, e.g. ``gex (num_members=32)`` or ``gex (task.mode=oracle)``)."""
     def group(key):
         out: dict[Any, list[dict]] = {}
         for rec in records:
             out.setdefault(key(rec), []).append(rec)
         return out.values()
-    fixed = {"seed", "task", "method", "data", "data.name", "noise.kind", "noise.rate", "method.name"}
+    fixed = {"seed", "task", "method", "data", "data.name", "noise.kind", "noise.rate", "method.name", "task.name"}
     for recs in group(lambda r: (r["task"], r["data"], r["noise_kind"], r["noise_rate"])):
-        extra = _varying(recs, lambda k: k not in fixed and not k.startswith("method."))
+        extra = _varying(recs, lambda k: k not in fixed and not k.startswith(ROW_KEYS))
         for rec in recs:
             noise = f" {rec['noise_kind']} {rec['noise_rate']:g}" if rec["noise_kind"] != "none" else ""
             rec["setting"] = rec["data"] + noise + "".join(f" {k}={rec['_config'].get(k)}" for k in extra)
     for recs in group(lambda r: (r["task"], r["setting"], r["method"])):
-        extra = _varying(recs, lambda k: k.startswith("method.") and k != "method.name")
+        extra = _varying(recs, lambda k: k.startswith(ROW_KEYS) and k not in fixed)
         for rec in recs:
-            detail = ", ".join(f"{k[len('method.'):]}={rec['_config'].get(k)}" for k in extra)
+            detail = ", ".join(f"{k.removeprefix('method.')}={rec['_config'].get(k)}" for k in extra)
             rec["variant"] = f"{rec['method']} ({detail})" if detail else rec["method"]
 
 
@@ -290,6 +297,13 @@ def pool_seeds(long: pd.DataFrame) -> pd.DataFrame:
     return long.groupby(keys, dropna=False, sort=True)["value"].mean().reset_index()
 
 
+def _check_options(resamples: int, level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"ci={level} is invalid; choose a level in (0, 1), e.g. ci=0.95")
+    if resamples < 1:
+        raise ValueError(f"bootstrap={resamples} is invalid; choose at least 1 resample, e.g. bootstrap=1000")
+
+
 def bootstrap_ci(values: Sequence[float], resamples: int = 1000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean.
@@ -307,10 +321,7 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, level: float = 
     Raises:
         ValueError: on ``level`` outside (0, 1) or ``resamples`` < 1.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"ci={level} is invalid; choose a level in (0, 1), e.g. ci=0.95")
-    if resamples < 1:
-        raise ValueError(f"bootstrap={resamples} is invalid; choose at least 1 resample, e.g. bootstrap=1000")
+    _check_options(resamples, level)
     values = np.asarray(values, dtype=float)
     if values.size <= 1:
         value = float(values[0]) if values.size else math.nan
@@ -327,7 +338,11 @@ def summarize(pooled: pd.DataFrame, resamples: int = 1000, level: float = 0.95, 
     Returns:
         Columns ``task, setting, method, metric, n, mean, std, ci_low, ci_high``; ``std`` is the sample standard
         deviation (``ddof=1``, NaN for one seed), the interval is ``bootstrap_ci``.
+
+    Raises:
+        ValueError: on a bad ``resamples`` or ``level`` (checked even when no cell has two seeds).
     """
+    _check_options(resamples, level)
     rows = []
     for key, part in pooled.groupby(["task", "setting", "method", "metric"], sort=True):
         vals = part["value"].to_numpy(dtype=float)
@@ -372,15 +387,16 @@ def _direction(metric: str) -> str | None:
 
 
 def _mark_best(table: Table) -> None:
-    """Bold the best mean per column (ties all bold); columns with fewer than two entries have no best."""
+    """Bold the best mean per column (ties all bold); columns with fewer than two ranked entries have no best."""
     for setting, metric, label in table.columns:
-        cells = [c for (r, col), c in table.cells.items() if col == label and np.isfinite(c.mean)]
+        cells = [c for (r, col), c in table.cells.items()
+                 if col == label and np.isfinite(c.mean) and r not in UNRANKED_ROWS]
         how = _direction(metric)
         if how is None or len(cells) < 2:
             continue
         best = min(c.mean for c in cells) if how == "min" else max(c.mean for c in cells)
         for c in cells:
-            c.best = bool(np.isclose(c.mean, best, rtol=0, atol=1e-12))
+            c.best = bool(np.isclose(c.mean, best, rtol=0, atol=TIE_TOL))
 
 
 def _select(stats: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
@@ -402,10 +418,20 @@ def _order_rows(names: Iterable[str]) -> list[str]:
 
 def build_table(stats: pd.DataFrame, task: str, spec: TableSpec | None = None, level: float = 0.95,
                 resamples: int = 1000) -> Table:
-    """The task's table from ``summarize`` output (already restricted to references mapped, see ``write_report``).
+    """The task's table, method x (setting, metric), from ``summarize`` output.
 
     A one-seed cell whose run stored its own interval (``<metric>_ci_low`` / ``<metric>_ci_high``, as the
     groundtruth LDS does over test samples) shows that interval.
+
+    Args:
+        stats: ``summarize`` output (reference rows such as ``no relabel`` already mapped, see ``write_report``).
+        task: the task to tabulate.
+        spec: layout; default ``TABLES[task]``, or every metric for a task not listed there.
+        level: interval level, for the note.
+        resamples: bootstrap resamples, for the note.
+
+    Returns:
+        The table, best entries marked.
 
     Raises:
         ValueError: when the task has no statistics to show.
@@ -535,6 +561,11 @@ def _metric(row: pd.Series, method: str, name: str) -> float:
     return math.nan
 
 
+def _prefixes(row: pd.Series, name: str) -> list[str]:
+    """Methods ``m`` for which the run holds a number ``<m>.<name>``."""
+    return [k[: -len(name) - 1] for k, v in row.items() if k.endswith(f".{name}") and _number(v) and np.isfinite(v)]
+
+
 def _first_seeds(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, variant) the run with the lowest seed and a ``scores.pt``."""
     has = runs[np.array([(Path(p) / "scores.pt").is_file() for p in runs["path"]], dtype=bool)]
@@ -575,6 +606,8 @@ def _fig2(frame: pd.DataFrame, fig_dir: Path, notes: list[str]) -> list[Path]:
     for _, row in runs.iterrows():
         scores = _scores(row["path"], notes) or {}
         est = {m: v for m, v in _per_method(scores, "self_influence", "").items() if m}
+        # estimators also stored under their bare names (``loo``, ``gex``): those with ``<m>.auroc`` in the run
+        est |= {m: scores[m] for m in _prefixes(row, "auroc") if m not in est and hasattr(scores.get(m), "shape")}
         mask = next((scores[k] for k in ("is_influential", "is_minority", "is_noisy") if k in scores), None)
         if not est or mask is None:
             notes.append(f"Fig. 2 skipped for {row['path']}: scores.pt holds no per-estimator scores "
@@ -585,8 +618,11 @@ def _fig2(frame: pd.DataFrame, fig_dir: Path, notes: list[str]) -> list[Path]:
         if "x" in scores:
             written += plots.plot_toy_panel(scores["x"], est, mask, title, stem, subtitles=subs)
         else:
-            written += plots.plot_self_influence_panel([(v, mask, f"{m}  {subs[m]}") for m, v in est.items()], stem,
-                                                       labels=("typical", "influential"), suptitle=title)
+            # toy scores span decades (a few influential points dominate): bin their log10, floored
+            panels = [(np.log10(np.maximum(plots.as_numpy(v).astype(float), LOG_FLOOR)), mask, f"{m}  {subs[m]}")
+                      for m, v in est.items()]
+            written += plots.plot_self_influence_panel(panels, stem, labels=("typical", "influential"),
+                                                       suptitle=title, xlabel="log10 self-influence")
     if runs.empty:
         notes.append("Fig. 2 skipped: no toy run has a scores.pt")
     return written
@@ -625,8 +661,9 @@ def _fig_cost(pooled: pd.DataFrame, fig_dir: Path) -> list[Path]:
     wide["cost"] = fit_score.where(fit_score.notna(), col("wall_s"))
     for setting, sp in wide.dropna(subset=["cost", "auroc"]).groupby("setting"):
         points = {m: (mp["cost"].to_numpy(), mp["auroc"].to_numpy()) for m, mp in sp.groupby("method")}
-        written += plots.plot_cost_quality(points, f"AUROC vs wall time (fit + score), {setting}",
-                                           fig_dir / f"cost_quality_{_slug(setting)}")
+        written += plots.plot_cost_quality(points, f"AUROC vs wall time, {setting}",
+                                           fig_dir / f"cost_quality_{_slug(setting)}",
+                                           xlabel="wall time of fit + score (s)")
     return written
 
 
@@ -644,6 +681,22 @@ def _fig_groundtruth(frame: pd.DataFrame, fig_dir: Path, notes: list[str]) -> li
     return written
 
 
+def _figures(frame: pd.DataFrame, pooled: pd.DataFrame, fig_dir: Path, notes: list[str]) -> list[Path]:
+    """Every figure the runs allow; a figure whose inputs are malformed becomes a note, not a failed report."""
+    makers = [("Fig. 1", lambda: _fig1(frame, fig_dir, notes)), ("Fig. 2", lambda: _fig2(frame, fig_dir, notes)),
+              ("pruning curves", lambda: _fig_prune(pooled, fig_dir)),
+              ("relabel bars", lambda: _fig_relabel(pooled, fig_dir)),
+              ("cost vs quality", lambda: _fig_cost(pooled, fig_dir)),
+              ("groundtruth scatter", lambda: _fig_groundtruth(frame, fig_dir, notes))]
+    written = []
+    for name, make in makers:
+        try:
+            written += make()
+        except ValueError as err:   # plots' one-line shape errors, unreadable scores (ArtifactError)
+            notes.append(f"{name} failed: {err}")
+    return written
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def _machine() -> str:
     info = versions()
@@ -653,7 +706,8 @@ def _machine() -> str:
 
 def _summary(out: Path, frame: pd.DataFrame, problems: list[str], tables: dict[str, Table],
              figures: list[Path], notes: list[str], command: str) -> str:
-    counts = ", ".join(f"{t}: {n}" for t, n in frame["task"].value_counts().sort_index().items()) or "none"
+    tasks = frame["task"].value_counts().sort_index().items() if not frame.empty else []
+    counts = ", ".join(f"{t}: {n}" for t, n in tasks) or "none"
     lines = ["# gex-bench report", "", f"Regenerate: `{command}`  ", f"Generated {datetime.now():%Y-%m-%d %H:%M} "
              f"on {_machine()}.", "", f"Runs read: {len(frame)} ({counts}); every run: [runs.csv](runs.csv); "
              f"every metric: [tables/all_metrics.csv](tables/all_metrics.csv).", "", "## Problems", ""]
@@ -691,10 +745,7 @@ def write_report(frame: pd.DataFrame, problems: list[str], out: str | Path, *, r
         atomic_write_text(table_frame(table).to_csv(index=False), out / "tables" / f"{task}.csv")
         atomic_write_text(render_latex(table), out / "tables" / f"{task}.tex")
     notes: list[str] = []
-    fig_dir = out / "figures"
-    figures = (_fig1(frame, fig_dir, notes) + _fig2(frame, fig_dir, notes) + _fig_prune(pooled, fig_dir)
-               + _fig_relabel(pooled, fig_dir) + _fig_cost(pooled, fig_dir)
-               + _fig_groundtruth(frame, fig_dir, notes)) if not frame.empty else []
+    figures = _figures(frame, pooled, out / "figures", notes) if not frame.empty else []
     summary = out / "summary.md"
     atomic_write_text(_summary(out, frame, problems, tables, figures, notes, command), summary)
     if logger is not None:
@@ -711,9 +762,11 @@ def _patterns(runs: Any) -> list[str]:
     return [str(p) for p in items]
 
 
-def _report_dir(runs: Any, runs_root: str) -> str:
-    """Default output (and Hydra run) directory: ``<runs>/report`` for one directory, else a timestamped one."""
-    items = _patterns(runs)
+def _report_dir(runs: Any, out: Any, runs_root: str) -> str:
+    """The Hydra run directory: ``out`` when given, else ``<runs>/report`` for one folder, else a timestamped one."""
+    if out is not None:
+        return str(out)
+    items = _patterns(runs) if runs is not None else []
     if len(items) == 1 and Path(items[0]).is_dir():
         return str(Path(items[0]) / "report")
     return str(Path(runs_root) / "report" / _STARTED)
@@ -735,6 +788,8 @@ def _command() -> str:
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Read the runs below ``cfg.runs``, write the report to ``cfg.out`` (default: the run directory)."""
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise UsageError("runs is required: python -m experiments.report runs=<run folder or glob> [out=<dir>]")
     out = Path(cfg.out) if cfg.get("out") else Path(run_dir)
     frame, problems = load_runs(_patterns(cfg.runs), exclude=[out])
     for line in problems:

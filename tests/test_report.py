@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -82,7 +83,8 @@ def tree(tmp_path: Path) -> Path:
     x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0))
     toy = {f"{m}.self_influence": x.norm(dim=1) * (i + 1) for i, m in enumerate(["loo", "gex"])}
     write_run(root, "toy/0", task="toy", method="gex", seed=0, data="two_circles", rate=0.0,
-              metrics={"loo.auroc": 1.0, "loo.ap": 1.0, "gex.auroc": 0.99, "gex.ap": 0.95, "gex.spearman_loo": 0.9},
+              metrics={"loo.auroc": 1.0, "loo.ap": 1.0, "gex.auroc": 0.99, "gex.ap": 0.95, "gex.spearman_loo": 0.9,
+                       "if_exact.auroc": 0.9, "if_exact.ap": 0.8},
               scores=toy | {"x": x, "is_influential": x.norm(dim=1) < 0.5}, config={"noise": {"kind": "none"}})
     write_run(root, "groundtruth/0", task="groundtruth", method="gex", seed=0, metrics={
         "gex.lds": 0.3, "gex.lds_ci_low": 0.2, "gex.lds_ci_high": 0.4, "tracin.lds": 0.1},
@@ -195,6 +197,8 @@ def test_table_layouts(tree: Path):
     cell = gt.cells["gex", "lds"]      # one seed: the run's own interval over test samples is shown
     assert (cell.n, cell.low, cell.high) == (1, 0.2, 0.4)
     assert "| gex | **0.3000** [0.2000, 0.4000] |" in report.render_markdown(gt)
+    toy = report.build_table(stats, "toy")    # leave-one-out is the ground truth, not a competitor: never bold
+    assert toy.rows == ["gex", "if_exact", "loo"] and toy.cells["gex", "auroc"].best and not toy.cells["loo", "auroc"].best
     custom = report.build_table(stats, "custom")
     assert custom.title == "custom (generic)" and custom.cells["gex", "score"].mean == 1.5
     detect = report.build_table(stats, "detect")
@@ -216,6 +220,13 @@ def test_method_variants_are_not_averaged(tmp_path: Path):
     assert sorted(set(frame["variant"])) == ["gex", "gex (num_members=32)", "gex (num_members=8)"]
     assert sorted(set(frame["setting"])) == ["digits symmetric 0.1 train.epochs=30",
                                              "digits symmetric 0.1 train.epochs=5"]
+    for mode in ("otsu", "oracle"):   # a task option is a row (how the method is applied), not a setting
+        write_run(tmp_path / "relabel", mode, task="relabel", method="gex", seed=0,
+                  metrics={"test_acc": 0.9, "test_acc_no_relabel": 0.8}, config={"task": {"name": "relabel",
+                                                                                         "mode": mode}})
+    frame, _ = report.load_runs(tmp_path / "relabel")
+    assert sorted(frame["variant"]) == ["gex (task.mode=oracle)", "gex (task.mode=otsu)"]
+    assert set(frame["setting"]) == {"digits symmetric 0.1"}
 
 
 def test_write_report_every_format(tree: Path, tmp_path: Path):
@@ -239,42 +250,97 @@ def test_write_report_every_format(tree: Path, tmp_path: Path):
     assert (out / "runs.csv").read_text().count("\n") == len(frame) + 1
 
 
-def test_missing_figure_inputs_are_noted(tmp_path: Path):
-    write_run(tmp_path, "toy", task="toy", method="gex", seed=0, metrics={"gex.auroc": 1.0, "gex.ap": 1.0},
+def test_missing_or_malformed_figure_inputs_are_noted(tmp_path: Path):
+    """Toy scores under bare estimator names (as experiments.toy writes them) still give Fig. 2 (histograms)."""
+    write_run(tmp_path / "a", "toy", task="toy", method="gex", seed=0, metrics={"gex.auroc": 1.0, "gex.ap": 1.0},
               scores={"self_influence": torch.ones(3)})
-    write_run(tmp_path, "det", task="detect", method="gex", seed=0, metrics={"auroc": 1.0, "ap": 1.0})
-    result = report.write_report(*report.load_runs(tmp_path), tmp_path / "out", resamples=10)
-    assert any(n.startswith("Fig. 2 skipped") for n in result["notes"])
-    assert any(n.startswith("Fig. 1 skipped: no detect run has a scores.pt") for n in result["notes"])
+    write_run(tmp_path / "c", "toy", task="toy", method="gex", seed=0, metrics={"gex.auroc": 1.0, "gex.ap": 1.0,
+              "loo.auroc": 1.0, "loo.ap": 1.0}, scores={"self_influence": torch.ones(4), "gex": torch.ones(4),
+                                                        "loo": torch.arange(4.0), "is_influential": torch.ones(4) > 0})
+    result = report.write_report(*report.load_runs(tmp_path / "c"), tmp_path / "out_c", resamples=10)
+    assert [p.name for p in result["figures"]] == ["fig2_digits_symmetric_0.1.png", "fig2_digits_symmetric_0.1.pdf"]
+    write_run(tmp_path / "a", "det", task="detect", method="gex", seed=0, metrics={"auroc": 1.0, "ap": 1.0},
+              scores={"self_influence": torch.ones(5), "is_noisy": torch.zeros(4, dtype=torch.bool)})
+    notes = report.write_report(*report.load_runs(tmp_path / "a"), tmp_path / "out_a", resamples=10)["notes"]
+    assert any(n.startswith("Fig. 2 skipped") for n in notes), notes
+    assert any(n.startswith("Fig. 1 failed:") and "mask the same shape" in n for n in notes), notes
+    write_run(tmp_path / "b", "det", task="detect", method="gex", seed=0, metrics={"auroc": 1.0, "ap": 1.0})
+    notes = report.write_report(*report.load_runs(tmp_path / "b"), tmp_path / "out_b", resamples=10)["notes"]
+    assert "Fig. 1 skipped: no detect run has a scores.pt" in notes
+    assert "Fig. 1 skipped" in (tmp_path / "out_b" / "summary.md").read_text()
+
+
+def test_default_output_folder(tmp_path: Path):
+    assert report._report_dir(str(tmp_path), "elsewhere", "outputs") == "elsewhere"
+    assert report._report_dir(str(tmp_path), None, "outputs") == str(tmp_path / "report")
+    assert report._report_dir(f"{tmp_path}/*", None, "outputs") == f"outputs/report/{report._STARTED}"
+    assert report._report_dir(None, None, "outputs") == f"outputs/report/{report._STARTED}"
 
 
 def test_run_without_records_is_a_usage_error(tmp_path: Path):
     cfg = OmegaConf.create({"runs": str(tmp_path), "out": None, "bootstrap": 10, "ci": 0.95, "seed": 0})
     with pytest.raises(UsageError, match="holds no finished run record"):
         report.run(cfg, tmp_path / "out", None)
+    cfg.runs = "???"
+    with pytest.raises(UsageError, match="runs is required"):
+        report.run(cfg, tmp_path / "out", None)
+    with pytest.raises(ValueError, match=r"ci=1\.5 is invalid"):
+        report.summarize(report.pool_seeds(report.long_metrics(pd.DataFrame())), 10, 1.5)
 
 
-def _entry(*args: str) -> subprocess.CompletedProcess:
+@pytest.fixture()
+def small_tree(tmp_path: Path) -> Path:
+    """Detect only: 2 methods x 2 seeds and an unfinished run (one figure: cost vs quality)."""
+    root = tmp_path / "small"
+    for seed, method in itertools.product(range(2), ["gex", "tracin"]):
+        write_run(root, f"{method}_{seed}", task="detect", method=method, seed=seed,
+                  metrics={"auroc": 0.9 - 0.1 * seed, "ap": 0.5, "wall_s_fit": 3.0, "wall_s_score": 1.0})
+    write_run(root, "crashed", task="detect", method="gex", seed=5, metrics={}, finished=False)
+    return root
+
+
+def test_entry_point_logger_none(small_tree: Path, tmp_path: Path, monkeypatch):
+    """The Hydra entry, composed in-process with the real config and hydra.run.dir=<tmp>, logger=none."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    run_dir = tmp_path / "hydra"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("report", overrides=[f"runs={small_tree}", "logger=none", "bootstrap=50",
+                                           f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = cfg.hydra.run.dir      # what Hydra's run_job sets
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        report.main.__wrapped__(cfg)
+    finally:
+        HydraConfig.instance().cfg = None   # leave no global Hydra state to other tests
+    summary = (run_dir / "summary.md").read_text()
+    assert f"python -m experiments.report runs={small_tree} logger=none bootstrap=50" in summary
+    assert f"incomplete: {small_tree / 'crashed'}: no metrics.json" in summary
+    assert (run_dir / "figures" / "cost_quality_digits_symmetric_0.1.pdf").is_file()
+    assert "| gex | **0.8500 ± 0.0707** [" in (run_dir / "tables" / "detect.md").read_text()
+    assert not (run_dir / "wandb").exists()
+
+
+def test_entry_point_offline_wandb(small_tree: Path):
+    """``python -m experiments.report`` with the defaults: out = <runs>/report (the Hydra run dir), W&B offline."""
     env = os.environ | {"WANDB_SILENT": "true", "GEX_QUIET": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "experiments.report", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=ENTRY_TIMEOUT_S)
-
-
-def test_entry_point_end_to_end(tree: Path):
-    """Default out = <runs>/report (the Hydra run dir), no W&B with logger=none."""
-    proc = _entry(f"runs={tree}", "logger=none", "bootstrap=50")
+    proc = subprocess.run([sys.executable, "-m", "experiments.report", f"runs={small_tree}", "logger.mode=offline",
+                           "bootstrap=50"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=ENTRY_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
-    out = tree / "report"
+    out = small_tree / "report"
     assert (out / "summary.md").is_file() and (out / "tables" / "detect.tex").is_file()
-    assert "python -m experiments.report" in (out / "summary.md").read_text()
-    assert f"duplicate: {tree / 'detect/gex_0_again'}" in proc.stdout
-    assert not (out / "wandb").exists()
-
-
-def test_entry_point_offline_wandb(tree: Path, tmp_path: Path):
-    run_dir, out = tmp_path / "hydra", tmp_path / "out"
-    proc = _entry(f"runs={tree}/detect", f"out={out}", "logger=wandb", "logger.mode=offline", "bootstrap=50",
-                  f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "summary.md").is_file()
-    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.rglob("*"))
+    assert f"incomplete: {small_tree / 'crashed'}" in proc.stdout
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert offline, sorted(map(str, out.rglob("*")))
+    media = offline[0] / "files" / "media"
+    assert list(media.glob("table/report/detect_*.table.json")) and list(media.glob("images/report/cost_quality_*"))
+    # a second report over the same folder does not read its own output as runs
+    again, _ = report.load_runs(small_tree, exclude=[])
+    assert len(again) == 4
