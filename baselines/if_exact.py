@@ -30,11 +30,11 @@ class IFExact(Attributor):
         curvature: ``hessian`` (exact) or ``ggn`` (Gauss-Newton, positive semi-definite).
         max_params: refuse models with more parameters than this.
         chunk_size: samples per per-sample-gradient chunk (does not change the scores).
-        batch_size: samples per forward pass when building the curvature.
+        batch_size: samples per forward pass when building the curvature (memory: 128 x batch_size x activations).
     """
 
-    def __init__(self, damping: float = 0.01, curvature: str = "hessian", max_params: int = 5000,
-                 chunk_size: int = 256, batch_size: int = 1024):
+    def __init__(self, damping: float = 0.1, curvature: str = "hessian", max_params: int = 5000,
+                 chunk_size: int = 256, batch_size: int = 256):
         check_curvature(curvature, "if_exact.curvature")
         if damping < 0:
             raise MethodError(f"if_exact.damping must be >= 0, got {damping}")

@@ -39,9 +39,8 @@ def check_curvature(curvature: str, owner: str = "curvature") -> None:
         raise MethodError(f"{owner}={curvature!r} is unknown; valid choices: {list(CURVATURES)}")
 
 
-def _flat(tree: dict[str, Tensor], names: list[str], k: int | None = None) -> Tensor:
-    shape = (-1,) if k is None else (k, -1)
-    return torch.cat([tree[n].reshape(*shape) for n in names], dim=-1)
+def _flat(tree: dict[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([tree[n].reshape(-1) for n in names])
 
 
 def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, loss: str = "ce",
@@ -82,7 +81,7 @@ def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, los
 
 def curvature_matvec(model: nn.Module, data: LabeledData, loss: str = "ce", curvature: str = "hessian",
                      damping: float = 0.0, batch_size: int = 1024, vec_chunk: int | None = None) -> MatVec:
-    """``V -> V (C + damping I)`` for ``C`` the curvature of the mean eval loss over all of ``data``.
+    """Rows ``v`` -> rows ``(C + damping I) v``, ``C`` the curvature of the mean eval loss over all of ``data``.
 
     Args:
         model: at theta*, eval mode.
@@ -109,10 +108,11 @@ def curvature_matvec(model: nn.Module, data: LabeledData, loss: str = "ce", curv
 
 
 def explicit_curvature(model: nn.Module, data: LabeledData, loss: str = "ce", curvature: str = "hessian",
-                       batch_size: int = 1024, max_params: int = 5000, block: int = 64) -> Tensor:
+                       batch_size: int = 1024, max_params: int = 5000, block: int = 128) -> Tensor:
     """The explicit ``(P, P)`` Hessian or GGN of the mean eval loss over ``data``, symmetrized.
 
-    Built one block of ``block`` unit vectors at a time (columns of the identity).
+    Built from products with ``block`` unit vectors at a time (columns of the identity; memory ``block`` x the
+    activations of ``batch_size`` samples).
 
     Raises:
         MethodError: ``P > max_params`` (the matrix would be too large to build and factor).
@@ -135,7 +135,7 @@ def explicit_curvature(model: nn.Module, data: LabeledData, loss: str = "ce", cu
 
 
 class DampedInverse:
-    """``(C + damping I)^-1`` through a Cholesky factor of an explicit curvature matrix.
+    """``(C + damping I)^-1`` through a Cholesky factor of an explicit curvature matrix (factored in float64).
 
     Args:
         matrix: symmetric ``(P, P)`` curvature.
@@ -147,6 +147,7 @@ class DampedInverse:
     """
 
     def __init__(self, matrix: Tensor, damping: float):
+        matrix = matrix.double()
         eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
         factor, info = torch.linalg.cholesky_ex(matrix + damping * eye)
         if int(info) > 0:
@@ -156,8 +157,8 @@ class DampedInverse:
         self.factor = factor
 
     def solve(self, vectors: Tensor) -> Tensor:
-        """``(k, P)`` rows ``v`` -> rows ``(C + damping I)^-1 v``."""
-        return torch.cholesky_solve(vectors.to(self.factor).T, self.factor).T
+        """``(k, P)`` rows ``v`` -> rows ``(C + damping I)^-1 v`` (in the dtype and device of ``vectors``)."""
+        return torch.cholesky_solve(vectors.to(self.factor).T, self.factor).T.to(vectors)
 
 
 def conjugate_gradient(matvec: MatVec, rhs: Tensor, tol: float = 1e-6, max_iter: int = 100) -> tuple[Tensor, dict]:

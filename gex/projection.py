@@ -6,7 +6,8 @@ Per-sample gradients come from ``gex.influence.iter_grad_chunks`` (eval-mode BN,
 - ``gradient_cross_products``: ``g_train . T(g_test)`` as ``(n_train, n_test)``, streaming the train set once per
   chunk of test samples, memory O(chunk x P + n_train x n_test);
 - ``GaussianProjector`` + ``project_gradients``: ``g_i . v_k`` for a d x P Gaussian matrix V that is held at most
-  one block of rows at a time and regenerated from per-row seeds, memory O(chunk x P + block x P + N x d);
+  one block of rows at a time and regenerated from per-row seeds, memory O(chunk x P + block x P + N x d)
+  (``MatrixProjector``: the same onto the rows of a given matrix, e.g. Ritz vectors);
 - ``project_trajectory`` / ``using_state``: the same at each trajectory checkpoint (TracIn-style methods).
 """
 from __future__ import annotations
