@@ -144,3 +144,15 @@ class EKFAC(Attributor):
             for rows, rot_train in self.rotated_grads(train):
                 out[rows.unsqueeze(1), cols.unsqueeze(0)] = (self._flat(rot_train, False) @ pre.T).cpu()
         return out
+
+    def influence_on_mean_test(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """Influence on the mean test loss, ``(n_train,)``: the mean test gradient preconditioned once (linear, so
+        equal to ``influence(train, test).mean(1)`` without the matrix)."""
+        total: dict[str, Tensor] = {}
+        for _, rot in self.rotated_grads(test, self.test_chunk):
+            total = {n: total.get(n, 0) + r.sum(0, keepdim=True) for n, r in rot.items()}
+        pre = self._flat({n: t / len(test) for n, t in total.items()}, precondition=True)[0]
+        out = torch.zeros(len(train), dtype=self._dtype())
+        for rows, rot in self.rotated_grads(train):
+            out[rows] = (self._flat(rot, False) @ pre).cpu()
+        return out

@@ -24,7 +24,6 @@ against eps so a run can see when that happens.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from typing import Any
 
@@ -40,8 +39,6 @@ from gex.train import batch_stream
 from gex.utils import progress
 
 __all__ = ["LaKFAC", "kron_inverse_sqrt", "AUTHORS_DIAG_SCALE"]
-
-log = logging.getLogger(__name__)
 
 AUTHORS_DIAG_SCALE = 100.0  # the authors' hard-coded factor on diagonal (BN) blocks (SPEC B7 item 14)
 _SALT_CURVATURE = 8_101      # data order, augmentation and label draws of the curvature pass

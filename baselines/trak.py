@@ -34,6 +34,8 @@ from gex.utils import progress
 __all__ = ["TRAK", "margin", "correct_probability", "margin_grads"]
 
 _SEED_SALT = 11_003  # V_c's seed = run seed * this + checkpoint index (independent of other methods' streams)
+_PINV_RTOL = torch.finfo(torch.float64).eps  # undamped: drop s^2 below eps * max(n, d) * max s^2 (torch.linalg.pinv's rule)
+Kernel = tuple[Tensor, Tensor, float]        # (W (d, r), 1 / (s^2 + lambda) (r,), lambda)
 
 
 def margin(logits: Tensor, y: Tensor, loss: str) -> Tensor:
@@ -90,7 +92,7 @@ class TRAK(Attributor):
         self.chunk_size, self.max_block_mb = chunk_size, max_block_mb
         self.states_: list[dict[str, Tensor]] = []
         self.projectors_: list[GaussianProjector] = []
-        self.kernels_: list[Tensor] = []
+        self.kernels_: list[Kernel] = []
         self._memo: dict[int, tuple[LabeledData, Tensor, Tensor]] = {}
 
     def fit(self, task: InfluenceTask) -> "TRAK":
@@ -111,11 +113,33 @@ class TRAK(Attributor):
         self.kernels_ = [self._kernel(p) for p in phi]
         return self
 
-    def _kernel(self, phi: Tensor) -> Tensor:
-        """``(Phi^T Phi + lambda I)^+``, ``(d, d)``, in float64 (a pseudo-inverse when singular and undamped)."""
-        gram = phi.double().T @ phi.double()
-        lam = self.damping * gram.trace() / len(phi)
-        return torch.linalg.pinv(gram + lam * torch.eye(len(gram), dtype=gram.dtype), hermitian=True).to(phi)
+    def _kernel(self, phi: Tensor) -> Kernel:
+        """``(Phi^T Phi + lambda I)^+`` in spectral form from the thin SVD ``Phi = U diag(s) W^T`` (float64):
+        ``W diag(1 / (s^2 + lambda)) W^T + (I - W W^T) / lambda`` (the last term only when lambda > 0; with
+        lambda = 0 directions with ``s^2 <= rtol * max s^2`` are dropped, a pseudo-inverse). Costs O(n d min(n, d)),
+        never a d x d inverse."""
+        _, s, wt = torch.linalg.svd(phi.to(self.task.device, torch.float64), full_matrices=False)
+        lam = float(self.damping * s.pow(2).sum() / len(phi))  # tr(Phi^T Phi) = sum s^2
+        keep = s.pow(2) > _PINV_RTOL * max(phi.shape) * s.max() ** 2 if lam == 0 else s >= 0
+        return wt[keep].T, 1 / (s[keep] ** 2 + lam), lam
+
+    @staticmethod
+    def _bilinear(a: Tensor, b: Tensor, kernel: Kernel) -> Tensor:
+        """``a K b^T`` for features ``a (n_a, d)``, ``b (n_b, d)``: float64 on the kernel's device, returned on CPU."""
+        w, inv, lam = kernel
+        a, b = a.to(w), b.to(w)
+        aw, bw = a @ w, b @ w
+        out = (aw * inv) @ bw.T
+        return (out + (a @ b.T - aw @ bw.T) / lam if lam > 0 else out).cpu()
+
+    @staticmethod
+    def _quadratic(a: Tensor, kernel: Kernel) -> Tensor:
+        """``a_i K a_i^T`` per row, ``(n_a,)``, without the n_a x n_a matrix."""
+        w, inv, lam = kernel
+        a = a.to(w)
+        aw = a @ w
+        out = (aw.pow(2) * inv).sum(1)
+        return (out + (a.pow(2).sum(1) - aw.pow(2).sum(1)) / lam if lam > 0 else out).cpu()
 
     def features(self, data: LabeledData) -> tuple[Tensor, Tensor]:
         """``(Phi (C, n, d), Q (C, n))`` of ``data`` at each checkpoint, on CPU (memoized per data object)."""
@@ -145,13 +169,22 @@ class TRAK(Attributor):
         """``mean_c Q_c(z_i) * mean_c phi_ci^T K_c phi_ci``, shape ``(n,)``, >= 0; higher = more influential."""
         self._require_fit()
         phi, q = self.features(data)
-        quad = torch.stack([((p @ k) * p).sum(1) for p, k in zip(phi, self.kernels_)]).mean(0)
-        return q.mean(0) * quad
+        quad = torch.stack([self._quadratic(p, k) for p, k in zip(phi, self.kernels_)]).mean(0)
+        return (q.mean(0).double() * quad).to(q.dtype)
 
     def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
         """``mean_c Q_c(train) * mean_c Phi_c(train) K_c Phi_c(test)^T``, ``(n_train, n_test)``; positive =
         proponent."""
         self._require_fit()
         (phi_tr, q), (phi_te, _) = self.features(train), self.features(test)
-        kernel = torch.stack([a @ k @ b.T for a, k, b in zip(phi_tr, self.kernels_, phi_te)]).mean(0)
-        return q.mean(0)[:, None] * kernel
+        kernel = torch.stack([self._bilinear(a, b, k) for a, k, b in zip(phi_tr, self.kernels_, phi_te)]).mean(0)
+        return (q.mean(0).double()[:, None] * kernel).to(q.dtype)
+
+    def influence_on_mean_test(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """Influence on the mean test output, ``(n_train,)`` = ``influence(train, test).mean(1)`` without the matrix
+        (the score is linear in the test features)."""
+        self._require_fit()
+        (phi_tr, q), (phi_te, _) = self.features(train), self.features(test)
+        means = phi_te.mean(1, keepdim=True)                                              # (C, 1, d)
+        kernel = torch.stack([self._bilinear(a, b, k)[:, 0] for a, k, b in zip(phi_tr, self.kernels_, means)]).mean(0)
+        return (q.mean(0).double() * kernel).to(q.dtype)

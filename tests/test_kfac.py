@@ -16,7 +16,7 @@ from gex.kfac import (KFACFactors, compute_factors, eigendecompose, eigenvalue_c
                       layer_signals, param_grads, pseudo_grads)
 from gex.models import build_model
 
-TOL_MC = 0.1  # relative Frobenius error of a 4000-draw MC Fisher factor against the exact expectation
+TOL_MC = 0.06  # relative Frobenius error of a 500-draw MC Fisher factor vs the exact expectation (measured <= 0.026)
 
 
 def _batches(x, y, sizes):
@@ -143,7 +143,7 @@ def test_mc_fisher_converges_to_the_expectation(mlp64):
     model, x, y = mlp64
     layers = layer_map(model)
     exact = compute_factors(model, layers, _batches(x, y, [9]), "ce", "ggn")
-    mc = compute_factors(model, layers, _batches(x, y, [9]), "ce", "mc", mc_samples=4000,
+    mc = compute_factors(model, layers, _batches(x, y, [9]), "ce", "mc", mc_samples=500,
                          generator=torch.Generator().manual_seed(0))
     for name in exact.G:
         assert _rel(mc.G[name], exact.G[name]) < TOL_MC
