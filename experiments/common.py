@@ -24,7 +24,7 @@ from gex.runs import ArtifactCache, ArtifactError, atomic_save, atomic_write_tex
 from gex.train import TrainConfig
 from gex.utils import resolve_device, seed_everything
 
-__all__ = ["Settings", "settings_from", "RunLogger", "RunRecord", "entry_point", "load_task", "UsageError",
+__all__ = ["Settings", "settings_from", "typed_config", "RunLogger", "RunRecord", "entry_point", "load_task", "UsageError",
            "versions"]
 
 log = logging.getLogger("gex")
@@ -34,7 +34,7 @@ class UsageError(ValueError):
     """A bad request from the command line (impossible option, conflicting run directory, ...)."""
 
 
-def _typed(cls, node: Any, key: str):
+def typed_config(cls, node: Any, key: str):
     """Build dataclass ``cls`` from a config node; unknown keys are a one-line error listing the valid ones."""
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
     valid = {f.name for f in fields(cls)}
@@ -42,6 +42,9 @@ def _typed(cls, node: Any, key: str):
     if unknown:
         raise UsageError(f"unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; valid keys: {sorted(valid)}")
     return cls(**values)
+
+
+_typed = typed_config  # old private name, kept while callers move over
 
 
 @dataclass
@@ -61,8 +64,8 @@ def settings_from(cfg: DictConfig) -> Settings:
     """Validate the shared groups; raises a one-line ``ValueError`` on any bad name or value."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    return Settings(data=_typed(DataConfig, cfg.data, "data"), noise=_typed(NoiseConfig, cfg.noise, "noise"),
-                    model=_typed(ModelConfig, cfg.model, "model"), train=_typed(TrainConfig, cfg.train, "train"),
+    return Settings(data=typed_config(DataConfig, cfg.data, "data"), noise=typed_config(NoiseConfig, cfg.noise, "noise"),
+                    model=typed_config(ModelConfig, cfg.model, "model"), train=typed_config(TrainConfig, cfg.train, "train"),
                     seed=int(cfg.seed), device=resolve_device(str(cfg.device)),
                     cache=ArtifactCache(cfg.paths.cache))
 
@@ -155,8 +158,7 @@ class RunRecord:
         atomic_write_text(self.config_text, self.dir / "config.yaml")
         if scores is not None:
             atomic_save({k: v.detach().cpu() for k, v in scores.items()}, self.dir / "scores.pt")
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                 for k, v in metrics.items()}
+        clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         atomic_write_text(json.dumps(clean, indent=2, sort_keys=True), self.dir / "metrics.json")
         return self.dir / "metrics.json"
 

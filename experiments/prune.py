@@ -44,7 +44,7 @@ def _curves(task: InfluenceTask, scores: torch.Tensor, opts: PruneConfig, recipe
         pct = pct_label(frac)
         out[f"test_acc_at_{pct}"] = _pruned_acc(task, prune_rows(scores, frac, task.seed), recipe, f"retrain (-{pct}%)")
         what = {"job": "prune_random", "fraction": float(frac), "recipe": asdict(recipe)}
-        out[f"random.test_acc_at_{pct}"] = cached_value(task, what, lambda: _pruned_acc(
+        out[f"random.test_acc_at_{pct}"] = cached_value(task, what, lambda frac=frac, pct=pct: _pruned_acc(
             task, random_prune_rows(n, frac, task.seed), recipe, f"retrain (random -{pct}%)"))
     return out
 

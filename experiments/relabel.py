@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from experiments import plots
 from experiments.common import RunLogger, entry_point
-from experiments.tasks import (RelabelConfig, TaskRun, accuracy, cached_value, check_scores, finish_run,
-                               flag_metrics, model_probs, otsu_flags, record_fields, relabeled_data, retrain_recipe,
-                               retrain_test_acc, start_run, task_config, unchanged_test_acc)
+from experiments.tasks import (RelabelConfig, TaskRun, accuracy, cached_value, check_scores, finish_run, flag_metrics,
+                               model_probs, otsu_flags, record_fields, relabeled_data, retrain_recipe, retrain_test_acc,
+                               start_run, task_config, unchanged_test_acc)
 from gex.train import TrainConfig
 from gex.utils import stage_timer
 
@@ -31,8 +31,11 @@ METHOD_FREE_MODES = ("soft_all", "oracle")   # their retrain ignores the scores:
 def _relabel_acc(opts: RelabelConfig, run_: TaskRun, flags, recipe: TrainConfig) -> float:
     """Test accuracy of the retrain on the relabeled data of ``opts.mode``."""
     task = run_.task
-    compute = lambda: retrain_test_acc(task, relabeled_data(opts.mode, task.train, model_probs(task), flags,  # noqa: E731
-                                                            task.loss), recipe, task.test, f"retrain ({opts.mode})")
+
+    def compute() -> float:
+        data = relabeled_data(opts.mode, task.train, model_probs(task), flags, task.loss)
+        return retrain_test_acc(task, data, recipe, task.test, f"retrain ({opts.mode})")
+
     if opts.mode in METHOD_FREE_MODES:
         return cached_value(task, {"job": f"relabel_{opts.mode}", "recipe": asdict(recipe)}, compute)
     return compute()

@@ -35,6 +35,7 @@ LABELS = ("majority", "minority")
 
 
 def _check(data_name: str):
+    """A data check for ``start_run``: both splits carry ``is_minority`` and the training set has both sources."""
     def check(bundle: DataBundle) -> None:
         mask = minority_mask(bundle.train, data_name)
         minority_mask(bundle.test, data_name)
@@ -68,13 +69,25 @@ def _upweight(run_: TaskRun, opts: SeparateConfig, rank: torch.Tensor, is_min: t
             "upweight_precision": float(is_min[top].double().mean()), "n_upweighted": k}
 
 
+def _plot(scores: dict[str, torch.Tensor], is_min: torch.Tensor, metrics: dict, run_dir: Path) -> dict[str, Path]:
+    """One majority-vs-minority histogram per ranking; returns name -> PNG path."""
+    figures = {}
+    for kind, values in scores.items():
+        figures[f"{kind}_hist"] = run_dir / f"{kind}_influence_hist.png"
+        auroc = metrics["auroc" if kind == "self" else "auroc_cross"]
+        plots.plot_self_influence_hist(values, is_min, f"{metrics['method']} {kind}-influence: AUROC {auroc:.4f}",
+                                       figures[f"{kind}_hist"], labels=LABELS)
+    return figures
+
+
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Fit, rank, up-weight, retrain, and write the separation record; returns the metrics."""
     opts = task_config(cfg.task, "separate")
     pairwise = ("task.cross=true", "set task.cross=false to rank by self-influence only") if opts.cross else None
     run_ = start_run(cfg, run_dir, logger, pairwise=pairwise, check=_check(cfg.data.name))
     task, method, device = run_.task, run_.method, run_.settings.device
-    is_min, test_min = minority_mask(task.train, cfg.data.name), rows_where(task.test, minority_mask(task.test, ""))
+    is_min = minority_mask(task.train, cfg.data.name)
+    test_min = rows_where(task.test, minority_mask(task.test, cfg.data.name))
     with stage_timer(run_.times, "score", device):
         scores = _scores(run_, opts, test_min)
     metrics = ranking_metrics(scores["self"], is_min, "separate (is_minority)")
@@ -86,17 +99,13 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     metrics |= {"minority_frac": float(is_min.double().mean()), "upweight": opts.upweight,
                 "upweight_by": opts.upweight_by, "retrain_epochs": recipe.epochs,
                 "wall_s_retrain": run_.times["retrain"]} | record_fields(cfg, run_, "separate")
-    figures = {}
-    for kind, values in scores.items():
-        figures[f"{kind}_hist"] = run_dir / f"{kind}_influence_hist.png"
-        auroc = metrics["auroc" if kind == "self" else "auroc_cross"]
-        plots.plot_self_influence_hist(values, is_min, f"{method.name} {kind}-influence: AUROC {auroc:.4f}",
-                                       figures[f"{kind}_hist"], labels=LABELS)
+    figures = _plot(scores, is_min, metrics, run_dir)
     saved = {"self_influence": scores["self"].float(), "is_minority": is_min, "index": task.train.index.cpu()}
     if opts.cross:
         saved["cross_influence"] = scores["cross"].float()
     finish_run(run_, logger, metrics, saved, figures)
-    print(f"[separate] {method.name}: auroc={metrics['auroc']:.4f} auroc_cross={metrics.get('auroc_cross', float('nan')):.4f} "
+    print(f"[separate] {method.name}: auroc={metrics['auroc']:.4f} "
+          f"auroc_cross={metrics.get('auroc_cross', float('nan')):.4f} "
           f"minority acc weighted={metrics['minority_test_acc_weighted']:.4f} "
           f"uniform={metrics['minority_test_acc_uniform']:.4f}")
     return metrics

@@ -11,6 +11,7 @@ ordered deterministically and without favouring low indices.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,8 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from experiments.common import (RunLogger, RunRecord, Settings, UsageError, _typed, load_task, settings_from,
-                                versions)
+from experiments.common import RunLogger, RunRecord, Settings, UsageError, load_task, settings_from, typed_config, versions
 from gex.attribution import Attributor, InfluenceTask, MethodError, build_method
 from gex.data import DataBundle, LabeledData
 from gex.train import TrainConfig, eval_logits, train
@@ -160,7 +160,7 @@ def task_config(node: Any, job: str):
     if name != job:
         raise UsageError(f"task={name!r} does not fit python -m experiments.{job}; "
                          f"use task={job}, or python -m experiments.{name} for task={name}")
-    return _typed(_TASKS[job], node, "task")
+    return typed_config(_TASKS[job], node, "task")
 
 
 # -------------------------------------------------------------------------------------------------- methods
@@ -183,10 +183,23 @@ def method_from_cfg(node: Any) -> Attributor:
 
 
 def has_pairwise(method: Attributor) -> bool:
-    """Whether the method overrides ``influence`` or ``influence_on_mean_test`` (has a pairwise form)."""
+    """Whether the method has a pairwise form, decided before any work.
+
+    No override of ``influence``/``influence_on_mean_test`` means none. A subclass may also override them only to
+    refuse (e.g. ``gex_mean_loss``); probing the unfitted method shows that at no cost, since a real pairwise
+    method first asks for ``fit`` (any error other than ``NotImplementedError`` counts as "has one").
+    """
     cls = type(method)
-    return (cls.influence is not Attributor.influence
-            or cls.influence_on_mean_test is not Attributor.influence_on_mean_test)
+    if (cls.influence is Attributor.influence
+            and cls.influence_on_mean_test is Attributor.influence_on_mean_test):
+        return False
+    try:
+        method.influence_on_mean_test(None, None)
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001  (the usual answer before fit: "call fit(task) before scoring")
+        return True
+    return True
 
 
 def require_pairwise(method: Attributor, option: str, fix: str) -> None:
@@ -207,6 +220,7 @@ class TaskRun:
     bundle: DataBundle
     task: InfluenceTask
     times: dict[str, float]
+    started: float
 
 
 def start_run(cfg: DictConfig, run_dir: Path, logger: RunLogger, *, pairwise: Optional[tuple[str, str]] = None,
@@ -220,6 +234,7 @@ def start_run(cfg: DictConfig, run_dir: Path, logger: RunLogger, *, pairwise: Op
         pairwise: ``(option, fix)`` when the task needs pairwise influence: checked before anything runs.
         check: called on the data before fitting (e.g. "are there noisy samples?").
     """
+    started = time.perf_counter()
     settings = settings_from(cfg)
     record = RunRecord(run_dir, cfg)
     method = method_from_cfg(cfg.method)
@@ -232,7 +247,7 @@ def start_run(cfg: DictConfig, run_dir: Path, logger: RunLogger, *, pairwise: Op
     with stage_timer(times, "fit", settings.device):
         method.fit(task)
     log.info("[%s] fit in %.1fs", method.name, times["fit"])
-    return TaskRun(settings, record, method, bundle, task, times)
+    return TaskRun(settings, record, method, bundle, task, times, started)
 
 
 def record_fields(cfg: DictConfig, run: TaskRun, job: str) -> dict[str, Any]:
@@ -241,7 +256,8 @@ def record_fields(cfg: DictConfig, run: TaskRun, job: str) -> dict[str, Any]:
     return {"method": run.method.name, "data": s.data.name, "model": s.model.name, "seed": s.seed, "task": job,
             "noise_kind": s.noise.kind, "noise_rate": s.noise.rate, "n_train": len(run.task.train),
             "wall_s_pretrain": run.task.pretrain_wall_s, "wall_s_fit": run.times.get("fit", 0.0),
-            "wall_s_score": run.times.get("score", 0.0), "peak_mem_mb": peak_mem_mb(s.device)} | versions()
+            "wall_s_score": run.times.get("score", 0.0), "wall_s": time.perf_counter() - run.started,
+            "peak_mem_mb": peak_mem_mb(s.device)} | versions()
 
 
 def finish_run(run: TaskRun, logger: RunLogger, metrics: dict[str, Any], scores: dict[str, Tensor],
@@ -419,9 +435,9 @@ def accuracy(model: torch.nn.Module, test: LabeledData) -> float:
 
 def retrain_test_acc(task: InfluenceTask, data: LabeledData, recipe: TrainConfig, test: LabeledData,
                      desc: str = "retrain") -> float:
-    """Train a fresh model from theta*'s initialization (``task.make_model()``, same seed and data order) on
+    """Train a fresh model from theta*'s initialization (``task.fresh_model()``, same seed and data order) on
     ``data`` with ``recipe`` (schedule sized to ``len(data)``; BN refreshed) and return its accuracy on ``test``."""
-    model = task.make_model().to(task.device)
+    model = task.fresh_model()
     train(model, data, recipe, seed=task.seed, device=task.device, desc=desc)
     return accuracy(model, test)
 
@@ -432,8 +448,7 @@ def cached_value(task: InfluenceTask, what: dict[str, Any], compute: Callable[[]
         return compute()
     spec = {"pretrain": task.cache_spec, **what}
     hit = task.cache.load("retrain", spec, "result")
-    if hit is not None:
-        log.info("reusing the %s result from the cache", what.get("job", "retrain"))
+    if hit is not None:  # ArtifactCache.load has logged the reuse
         return float(hit["value"])
     value = float(compute())
     task.cache.save("retrain", spec, "result", {"value": value})
