@@ -1,6 +1,7 @@
 """The geometric ensemble: step count, cycle semantics, chain / independent / num_chains wiring, determinism,
 cache reuse and resume."""
 import dataclasses
+import itertools
 import logging
 
 import pytest
@@ -48,7 +49,7 @@ def test_cycle_trains_on_the_noisy_augmented_stream_with_a_cosine_schedule(digit
     run_cycle(task, cfg, theta, 0, on_step=lambda step, batch, logits, lr: seen.append((batch, lr)))
     lrs = [lr for _, lr in seen]
     assert len(seen) == cfg.ft_step and lrs[0] == pytest.approx(cfg.ft_lr)  # no warmup
-    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.1 * cfg.ft_lr
+    assert all(a > b for a, b in itertools.pairwise(lrs)) and lrs[-1] < 0.1 * cfg.ft_lr
     assert all(torch.equal(b.y, task.train.y[b.rows]) for b, _ in seen)     # the labels trained on (noisy)
     assert any(not torch.equal(b.x, task.train.x[b.rows]) for b, _ in seen)  # augmented
     assert _same(snapshot(task.model), theta)                                # theta* untouched
@@ -101,7 +102,7 @@ def test_deterministic_for_a_seed_and_different_across_seeds(digits_task):
     cfg = EnsembleConfig(**SMALL | dict(num_members=2))
     a, b = build_ensemble(digits_task, cfg), build_ensemble(digits_task, cfg)
     c = build_ensemble(dataclasses.replace(digits_task, seed=1), cfg)
-    assert all(_same(x, y) for x, y in zip(a, b))
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
     assert not _same(a[0], c[0])
 
 
@@ -113,7 +114,7 @@ def test_second_build_loads_every_member_and_trains_nothing(digits_task, tmp_pat
     with caplog.at_level(logging.INFO, logger="gex.ensemble"):
         second = list(build_ensemble(task, cfg))
     assert steps[0] == 3 * cfg.ft_step and "reused 3 of 3" in caplog.text
-    assert all(_same(x, y) for x, y in zip(first, second))
+    assert all(_same(x, y) for x, y in zip(first, second, strict=True))
     build_ensemble(task, dataclasses.replace(cfg, ft_lr=0.02))  # another config: another folder, trained afresh
     assert steps[0] == 6 * cfg.ft_step and len(list(tmp_path.glob("ensemble/*"))) == 2
 
@@ -134,7 +135,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_build(digits_task, tm
     steps[0] = 0
     resumed = list(build_ensemble(task, cfg))
     assert steps[0] == cfg.ft_step  # only the unfinished member
-    assert all(_same(x, y) for x, y in zip(reference, resumed))
+    assert all(_same(x, y) for x, y in zip(reference, resumed, strict=True))
     next(tmp_path.glob("ensemble/*/member_2.pt")).unlink()  # a lost last member is retrained from member 1
     assert _same(build_ensemble(task, cfg)[2], reference[2]) and steps[0] == 2 * cfg.ft_step
 
