@@ -31,8 +31,15 @@ data: ## install Fashion-MNIST (Debian package dataset-fashion-mnist) when it is
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the IDX .gz files under data/fashion_mnist/, or pass data.download=true"; exit 1; \
 	fi
 
-demo: setup data ## the CPU reference run (see README for what it runs and how long it takes)
-	$(PY) -m experiments.pretrain
+# Methods that run at the default scale on a CPU (if_exact/if_cg/lissa need a small model or a few samples).
+DEMO_METHODS ?= gex,gex_lin,gex_mean_loss,loss,random,forgetting,knn,el2n,cl,tracin,tracin_rp,randproj,grad_dot,arnoldi,trak,ekfac,la_kfac
+DEMO_RUNS ?= outputs/demo
+
+demo: setup data ## CPU detection benchmark: every method on Fashion-MNIST 10k, 10% noise, then the table
+	$(PY) -m experiments.pretrain hydra.run.dir=$(DEMO_RUNS)/pretrain
+	$(PY) -m experiments.detect -m method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_RUNS)/detect
+	$(PY) -m experiments.report runs=$(DEMO_RUNS)/detect out=$(DEMO_RUNS)/report logger=none
+	@cat $(DEMO_RUNS)/report/tables/detect.md
 
 test: setup data ## the test suite (CPU, offline W&B, temporary directories)
 	WANDB_MODE=offline $(PY) -m pytest -q

@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("GEX_QUIET", "1")
 # Several processes may share 2 cores: GEX_TEST_THREADS=1 avoids oversubscription.
-torch.set_num_threads(int(os.environ.get("GEX_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("GEX_TEST_THREADS", "1")))
 torch.set_flush_denormal(True)  # denormals slow tiny-model training and HVPs 2-3x
 
 from gex.attribution import InfluenceTask  # noqa: E402
