@@ -114,17 +114,37 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce",
 
 
 def iter_grad_chunks(model: nn.Module, data: LabeledData, loss: str = "ce", chunk_size: int = 256,
-                     desc: str = "per-sample grads") -> Iterator[tuple[Tensor, Tensor]]:
+                     desc: str = "per-sample grads", grad_backend: str = "auto",
+                     distributed: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Stream per-sample gradients over the eval view.
 
+    Args:
+        model: put in eval mode.
+        data: samples, with labels ``data.y``.
+        loss: ``ce`` or ``bce``.
+        chunk_size: samples per chunk (the gradients do not depend on it).
+        desc: progress-bar label.
+        grad_backend: ``auto`` (per-layer hooks when every parameterized module has a rule, else
+            ``vmap(grad)``), ``hooks`` or ``vmap``; see ``gex.grads``.
+        distributed: under an initialized ``torch.distributed`` group, stream only this rank's contiguous block of
+            rows (``gex.distributed.shard_rows``); gather per-row results with ``gex.distributed.gather_rows``.
+
     Yields:
-        (rows ``(b,)``, gradients ``(b, P)`` on the model's device), in data order.
+        (rows ``(b,)``: positions in ``data``, gradients ``(b, P)`` on the model's device), in data order.
     """
+    from gex.distributed import shard_rows
+    from gex.grads import per_sample_grads_fast, resolve_backend  # imported here: gex.grads imports this module
+
+    resolve_backend(model, grad_backend)  # fail on a bad backend before any work
     device = _device(model)
-    batches = iter_batches(data, chunk_size, device=device)
-    total = -(-len(data) // chunk_size)
-    for batch in progress(batches, desc=desc, total=total):
-        yield batch.rows, per_sample_grads(model, batch.x, batch.y, loss)
+    rows = shard_rows(len(data)) if distributed else None
+    if rows is not None and len(rows) == len(data):
+        rows = None  # one process: no copy of the data
+    part = data if rows is None else data.subset(rows)
+    total = -(-len(part) // chunk_size)
+    for batch in progress(iter_batches(part, chunk_size, device=device), desc=desc, total=total):
+        grads = per_sample_grads_fast(model, batch.x, batch.y, loss, grad_backend)
+        yield (batch.rows if rows is None else rows[batch.rows]), grads
 
 
 def _mean_loss_fn(model: nn.Module, frozen: Params, loss: str, x: Tensor, y: Tensor):

@@ -1,0 +1,264 @@
+"""Our methods against installed peer libraries on one tiny model: wall time ratio and Spearman of self-influence.
+
+    python -m experiments.bench bench.peers=true [bench.peer_n=200]      (or: python bench/peers.py [--n 200])
+
+Pairs: ``tracin`` vs captum ``TracInCP``; ``if_cg`` / ``lissa`` / ``arnoldi`` / ``trak`` vs dattri's
+``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi`` / ``TRAKAttributor``; ``ekfac`` vs kronfluence's
+EK-FAC. The tiny model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory
+checkpoints), small enough for every peer's default path. Each side is timed once from construction to the
+scores (our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) after a warm-up of both;
+``peer_time_ratio`` = peer seconds / ours (above 1: the peer is slower). Options are matched where the libraries
+expose them (damping, iterations, projection size, checkpoint weights); stochastic ones (LiSSA batches, random
+projections, sampled Fisher labels) use each side's own random streams, so Spearman < 1 there is expected. A
+missing peer or method, or a peer that fails, gives a row with a ``status`` instead of numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from gex.attribution import METHODS, InfluenceTask, build_method
+from gex.data import DataConfig, NoiseConfig, load_data
+from gex.models import ModelConfig
+from gex.pipeline import pretrained_task
+from gex.train import TrainConfig
+
+__all__ = ["PAIRS", "PEER_OPTIONS", "tiny_task", "peer_table"]
+
+TINY_MODEL = {"hidden": 32, "depth": 1}
+TINY_EPOCHS = 20
+# Both sides get these on top of configs/method/<name>.yaml: the tiny model's Hessian has negative eigenvalues
+# below -0.1, where conjugate gradients (ours and dattri's) need a positive-definite damped curvature.
+# dattri's CG returns NaN for most samples when run to 200 iterations (past convergence); both sides take 40.
+PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 40}}
+
+
+def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
+    """Digits (``n`` train, ``n // 2`` test, 10% noise), BN MLP 64-32-10, 20 epochs; nothing cached."""
+    data_cfg, noise_cfg = DataConfig(name="digits", n_train=n, n_test=max(1, n // 2)), NoiseConfig(rate=0.1)
+    bundle = load_data(data_cfg, noise_cfg, seed)
+    return pretrained_task(bundle, ModelConfig("mlp", options=dict(TINY_MODEL)),
+                           TrainConfig(epochs=TINY_EPOCHS, batch_size=64, bn_batches=4), seed=seed,
+                           data_cfg=data_cfg, noise_cfg=noise_cfg, device=device)
+
+
+def _loader(task: InfluenceTask, batch_size: int | None = None) -> DataLoader:
+    data = TensorDataset(task.train.x, task.train.y)
+    return DataLoader(data, batch_size=batch_size or len(data), shuffle=False)
+
+
+def _loss_fn(model: nn.Module, input_dims: int) -> Callable[[dict, tuple], Tensor]:
+    """dattri's ``f(params, (x, y))``: the mean loss; accepts one unbatched sample (TRAK's vmap) or a batch."""
+    def f(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        if x.dim() == input_dims:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return F.cross_entropy(functional_call(model, params, (x,)), y.long())
+    return f
+
+
+def _dattri_task(task: InfluenceTask, checkpoints: list[dict] | None = None, target: Callable | None = None):
+    from dattri.task import AttributionTask
+    model = copy.deepcopy(task.model).eval()
+    states = checkpoints or [{k: v.clone() for k, v in task.model.state_dict().items()}]
+    return AttributionTask(loss_func=_loss_fn(model, task.train.x.dim() - 1), model=model, checkpoints=states,
+                           target_func=target)
+
+
+def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    def run(task: InfluenceTask) -> Tensor:
+        from dattri.algorithm import influence_function as dif
+        if kind == "cg":
+            attributor = dif.IFAttributorCG(_dattri_task(task), device=str(task.device), max_iter=options["max_iter"],
+                                            regularization=options["damping"])
+        elif kind == "lissa":
+            attributor = dif.IFAttributorLiSSA(_dattri_task(task), device=str(task.device),
+                                               batch_size=options["batch_size"] or len(task.train),
+                                               num_repeat=options["repeats"], recursion_depth=options["depth"],
+                                               damping=options["damping"], scaling=options["scale"])
+        else:
+            attributor = dif.IFAttributorArnoldi(_dattri_task(task), device=str(task.device),
+                                                 proj_dim=options["top_k"], max_iter=options["n_iter"],
+                                                 regularization=options["damping"])
+        attributor.cache(_loader(task))
+        return attributor.self_attribute(_loader(task))
+    return run
+
+
+def _margin(model: nn.Module, input_dims: int) -> tuple[Callable, Callable]:
+    """TRAK's margin ``log(p / (1 - p))`` of the labelled class and that class's probability."""
+    def margin(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        logp = F.log_softmax(functional_call(model, params, (x.unsqueeze(0),)), -1)[0, y.long()]
+        return logp - torch.log1p(-logp.exp())
+
+    def prob(params: dict, data: tuple) -> Tensor:
+        x, y = data
+        return F.softmax(functional_call(model, params, (x.unsqueeze(0),)), -1)[0, y.long()]
+    return margin, prob
+
+
+def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    def run(task: InfluenceTask) -> Tensor:
+        from dattri.algorithm.trak import TRAKAttributor
+        model = copy.deepcopy(task.model).eval()
+        margin, prob = _margin(model, task.train.x.dim() - 1)
+        states = [c.state for c in task.trajectory[-options["num_checkpoints"]:]]
+        dtask = _dattri_task(task, states, target=margin)
+        attributor = TRAKAttributor(dtask, prob, projector_kwargs={"proj_dim": options["proj_dim"],
+                                                                   "device": str(task.device)},
+                                    device=str(task.device), regularization=options["damping"])
+        return attributor.self_attribute(_loader(task))  # dattri refuses a loader after cache(); none fails
+    return run
+
+
+def _captum_tracin(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    def run(task: InfluenceTask) -> Tensor:
+        from captum.influence import TracInCP
+        model = copy.deepcopy(task.model).eval()
+        states = {str(i): c for i, c in enumerate(task.trajectory)}
+        use_lr = options["weighting"] == "lr"
+
+        def load(net: nn.Module, key: str) -> float:
+            net.load_state_dict(states[key].state)
+            net.eval()
+            return states[key].lr if use_lr else 1.0 / len(states)
+        tracin = TracInCP(model, TensorDataset(task.train.x, task.train.y), list(states), load,
+                          loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=len(task.train))
+        return tracin.self_influence(show_progress=False)
+    return run
+
+
+class _KronTask:
+    """kronfluence's Task: summed train loss (with Fisher labels sampled from the model when ``sample``)."""
+
+    def __new__(cls):
+        from kronfluence.task import Task
+
+        class KronTask(Task):
+            def compute_train_loss(self, batch, model, sample=False):
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.multinomial(logits.softmax(-1), 1).flatten()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch, model):
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+        return KronTask()
+
+
+def _kronfluence(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    def run(task: InfluenceTask) -> Tensor:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments
+        ktask = _KronTask()
+        model = prepare_model(copy.deepcopy(task.model).eval(), ktask)
+        data = TensorDataset(task.train.x, task.train.y)
+        with tempfile.TemporaryDirectory() as tmp:
+            analyzer = Analyzer("bench", model, ktask, cpu=task.device.type == "cpu", disable_tqdm=True,
+                                output_dir=tmp, disable_model_save=True)
+            analyzer.fit_all_factors("ekfac", data, per_device_batch_size=options["batch_size"],
+                                     factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+            analyzer.compute_self_scores("self", "ekfac", data, per_device_train_batch_size=options["batch_size"],
+                                         overwrite_output_dir=True)
+            return analyzer.load_self_scores("self")["all_modules"]
+    return run
+
+
+# our method -> (peer label, the module the peer needs, adapter built from our method's options)
+PAIRS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Callable[[InfluenceTask], Tensor]]]] = {
+    "tracin": ("captum.TracInCP", "captum", _captum_tracin),
+    "if_cg": ("dattri.IFAttributorCG", "dattri", lambda o: _dattri_if("cg", o)),
+    "lissa": ("dattri.IFAttributorLiSSA", "dattri", lambda o: _dattri_if("lissa", o)),
+    "arnoldi": ("dattri.IFAttributorArnoldi", "dattri", lambda o: _dattri_if("arnoldi", o)),
+    "trak": ("dattri.TRAKAttributor", "dattri", _dattri_trak),
+    "ekfac": ("kronfluence.EKFAC", "kronfluence", _kronfluence),
+}
+
+
+def _ours(task: InfluenceTask, name: str, options: dict[str, Any]) -> Tensor:
+    return build_method(name, **options).fit(task).self_influence(task.train)
+
+
+def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
+    """Seconds and scores of ``fn()``, with the peers' warnings and progress bars (stderr) silenced."""
+    start = time.perf_counter()
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        out = fn()
+    return time.perf_counter() - start, torch.as_tensor(out).detach().reshape(-1).double().cpu()
+
+
+def _pair(task: InfluenceTask, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+    label, module, adapter = PAIRS[name]
+    row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train)}
+    if name not in METHODS:
+        return row | {"status": f"skipped: our {name} is not registered"}
+    try:
+        __import__(module)
+    except ImportError:
+        return row | {"status": f"skipped: {module} is not installed (pip install '.[peers]')"}
+    peer = adapter(options)
+    try:
+        for _ in range(2):  # the first round warms both up (imports, kernels); the second is timed
+            ours_s, ours = _timed(lambda: _ours(task, name, options))
+            peer_s, theirs = _timed(lambda: peer(task))
+    except Exception as err:  # noqa: BLE001 - a failing peer is reported, the others go on
+        return row | {"status": f"error: {type(err).__name__}: {err}".splitlines()[0][:300]}
+    if theirs.shape != ours.shape:
+        return row | {"status": f"error: peer returned {tuple(theirs.shape)} scores for {len(ours)} samples"}
+    bad = int((~torch.isfinite(theirs)).sum() + (~torch.isfinite(ours)).sum())
+    if bad:
+        return row | {"status": f"error: {bad} non-finite scores (ours and peer's together)"}
+    return row | {"status": "ok", "ours_s": ours_s, "peer_s": peer_s, "peer_time_ratio": peer_s / ours_s,
+                  "peer_spearman": float(spearmanr(ours.numpy(), theirs.numpy())[0])}
+
+
+def peer_table(n: int, seed: int = 0, device: str = "cpu",
+               method_options: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+    """One row per pair in ``PAIRS`` on ``tiny_task(n)``: times, ``peer_time_ratio``, ``peer_spearman``, status.
+
+    Args:
+        n: training samples of the tiny task.
+        seed: its seed.
+        device: where both sides run.
+        method_options: per-method overrides on top of ``configs/method/<name>.yaml``.
+    """
+    from experiments.bench import method_options as load_options
+    from experiments.tasks import register_methods
+    register_methods()
+    task = tiny_task(n, seed, device)
+    overrides = method_options or {}
+    rows = [_pair(task, name, load_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})))
+            for name in PAIRS]
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from experiments.bench import markdown_table
+    print(markdown_table(peer_table(args.n)))
