@@ -12,9 +12,9 @@ export WANDB_SILENT := true
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,peers]'
+	$(PY) -m pip install -q -e '.[dev,peers,cluster]'
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install gex-bench into it
