@@ -45,7 +45,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from experiments.common import RunLogger, RunRecord, UsageError, _typed, entry_point, load_task, settings_from, versions
+from experiments.common import (RunLogger, RunRecord, UsageError, entry_point, load_task, settings_from, typed_config,
+                                versions)
 from gex.attribution import METHODS, InfluenceTask, build_method
 from gex.data import balanced_subset, iter_batches
 from gex.grads import per_sample_grads_hooks
@@ -100,7 +101,7 @@ class BenchConfig:
     isolate: bool = True
     timeout_s: float = 3600.0
     sweep_n: list[int] = field(default_factory=lambda: [500, 1000, 2000, 4000])
-    sweep_methods: list[str] = field(default_factory=lambda: ["gex", "loss", "randproj", "grad_dot"])
+    sweep_methods: list[str] = field(default_factory=lambda: ["loss", "randproj", "grad_dot"])
     sweep_repeats: int = 1
     grad_paths: list[str] = field(default_factory=lambda: list(GRAD_PATHS))
     grad_n: int = 2000
@@ -289,11 +290,13 @@ def time_method(task: InfluenceTask, name: str, options: dict[str, Any], repeats
     memory = _MemoryProbe(task.device, fresh_process)
     memory.start()
     counter = _ForwardCounter(task.model)
-    runs, floors, counts = [], [], {}
+    runs, floors, counts, mem = [], [], {}, {}
     try:
         for _ in range(repeats):
             runs.append(_fit_and_score(task, name, options))
             counts = counter.reset()
+            # memory of one fit + score (repeats are alike), read before any floor run can raise the peak
+            mem = mem or {"peak_mem_mb": memory.peak_mb(), "mem_rise_mb": memory.rise_mb()}
             if floor:  # interleaved with the method's repeats, so drifting load hits both alike
                 floors.append(gex_floor(task, build_method(name, **options).config))
                 counter.reset()  # the floor's forwards are not the method's
@@ -304,8 +307,7 @@ def time_method(task: InfluenceTask, name: str, options: dict[str, Any], repeats
         row[key] = statistics.median(r[key] for r in runs)
     wall = _stats([r["wall_s"] for r in runs])
     row |= {"wall_s": wall["median"], "wall_s_mean": wall["mean"], "wall_s_std": wall["std"],
-            "samples_per_s": len(task.train) / wall["median"], "peak_mem_mb": memory.peak_mb(),
-            "mem_rise_mb": memory.rise_mb()}
+            "samples_per_s": len(task.train) / wall["median"]} | mem
     row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
     if floors:  # medians of the ratios of adjacent (method, floor) pairs: robust to slow drifts of the load
         row |= {"floor_s": statistics.median(f["wall_s"] for f in floors),
@@ -440,8 +442,7 @@ def compare_grad_paths(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce",
     """
     model.eval()
     fns, skipped = _grad_fns(model, paths)
-    # the reference (vmap cannot run bce: F.one_hot inside the loss is data-dependent under vmap)
-    ref = per_sample_grads(model, x[:chunk], y[:chunk], loss) if "vmap" in fns and loss == "ce" else None
+    ref = per_sample_grads(model, x[:chunk], y[:chunk], loss) if "vmap" in fns else None
     errs = {k: float((fn(x[:chunk], y[:chunk], loss) - ref).abs().max()) if ref is not None else float("nan")
             for k, fn in fns.items()}  # also each path's warm-up
     device, times = x.device, {k: [] for k in fns}
@@ -566,22 +567,28 @@ def _write_table(frame: pd.DataFrame, stem: Path) -> str:
 
 
 def _sweep_plot(sweep: pd.DataFrame, path: Path) -> None:
-    """Log-log wall time and peak-memory rise against N, one line per method, with a slope-1 guide."""
+    """Wall time against N (log-log, with a slope-1 guide) and the peak-memory rise against N (linear from 0: flat
+    for streamed methods), one line per method."""
+    from matplotlib import ticker
     from matplotlib.figure import Figure
+
     from experiments.plots import save_figure
     fig = Figure(figsize=(9.0, 3.5))
     ax_t, ax_m = fig.subplots(1, 2)
     for name, part in sweep.groupby("method"):
         part = part.sort_values("n")
         ax_t.plot(part["n"], part["wall_s"], "o-", label=name)
-        ax_m.plot(part["n"], part["mem_rise_mb"].clip(lower=1.0), "o-", label=name)
+        ax_m.plot(part["n"], part["mem_rise_mb"], "o-", label=name)
     n = sweep["n"].sort_values().unique()
     if len(n) > 1:
-        top = sweep["wall_s"].max()
-        ax_t.plot(n, top * n / n[-1], "k:", label="linear")
+        ax_t.plot(n, sweep["wall_s"].max() * n / n[-1], "k:", label="linear")
+    ax_t.set_yscale("log")
+    ax_m.set_ylim(bottom=0)
     for ax, what in ((ax_t, "wall time (s)"), (ax_m, "peak memory rise (MB)")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_xticks(n)
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlabel("training samples N")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
@@ -664,7 +671,7 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     from experiments.tasks import register_methods
     start = time.perf_counter()
     settings = settings_from(cfg)
-    opts = _typed(BenchConfig, cfg.bench, "bench")
+    opts = typed_config(BenchConfig, cfg.bench, "bench")
     record = RunRecord(run_dir, cfg)
     register_methods()
     names = _registered(list(opts.methods))

@@ -13,6 +13,7 @@ from torch import nn
 from conftest import TOL_EXACT
 from experiments import bench
 from experiments.common import RunLogger
+from gex import grads as grads_module
 from gex.data import LabeledData
 from gex.grads import (HookError, per_sample_grads_fast, per_sample_grads_hooks, resolve_backend,
                        unsupported_modules)
@@ -26,21 +27,23 @@ TOL_FLOAT32_GRADS = 1e-4   # hooks vs vmap in float32 (the bench's models): summ
 
 
 class _Zoo(nn.Module):
-    """Every branch of the layer rules: conv bias, asymmetric 'same' padding, stride + dilation + groups, 'valid'
-    padding, BatchNorm1d on (b, C, L), a Linear on (b, L, d) inputs, and in-place ReLUs after hooked layers."""
+    """Every branch of the layer rules: conv bias, asymmetric 'same' padding, groups, stride + dilation, 'valid'
+    padding, both conv paths (im2col for few input columns, grouped convolution otherwise), BatchNorm1d on
+    (b, C, L), a Linear on (b, L, d) inputs, and in-place ReLUs after hooked layers."""
 
     def __init__(self):
         super().__init__()
-        self.same = nn.Conv2d(2, 4, (2, 3), padding="same")
-        self.grouped = nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=1, groups=2)
+        self.same = nn.Conv2d(2, 16, (2, 3), padding="same")                          # im2col
+        self.wide = nn.Conv2d(16, 8, (2, 3), padding="same", groups=2)                 # grouped convolution
+        self.grouped = nn.Conv2d(8, 4, 3, stride=2, dilation=2, padding=1, groups=2)   # im2col, 2 groups
         self.valid = nn.Conv2d(4, 3, 2, padding="valid", bias=False)
-        self.bn2d = nn.BatchNorm2d(4)
+        self.bn2d = nn.BatchNorm2d(16)
         self.bn1d = nn.BatchNorm1d(3)
         self.token = nn.Linear(3, 2)
         self.head = nn.Linear(2 * 4, K)
 
     def forward(self, x):
-        x = torch.relu_(self.bn2d(self.same(x)))
+        x = self.wide(torch.relu_(self.bn2d(self.same(x))))
         x = self.valid(torch.relu(self.grouped(x)))           # (b, 3, 2, 2)
         x = self.bn1d(x.flatten(2)).transpose(1, 2)            # (b, 4, 3)
         return self.head(torch.relu_(self.token(x)).flatten(1))
@@ -116,6 +119,17 @@ class _WithUnused(nn.Module):
 
     def forward(self, x):
         return self.body(x)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+@pytest.mark.parametrize("name", ["zoo", "resnet"])
+def test_both_conv_paths_equal_the_loop(name, monkeypatch):
+    """Every conv layer through im2col, then every one through the grouped convolution."""
+    model, x, y = _setup(name)
+    ref = _loop_grads(model, x, y, "ce")
+    for columns in (10**9, 0):
+        monkeypatch.setattr(grads_module, "IM2COL_MAX_COLUMNS", columns)
+        torch.testing.assert_close(per_sample_grads_hooks(model, x, y, "ce"), ref, rtol=0, atol=TOL_EXACT)
 
 
 def test_hooks_skip_frozen_and_zero_unused():
