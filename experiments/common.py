@@ -44,7 +44,6 @@ def typed_config(cls, node: Any, key: str):
     return cls(**values)
 
 
-_typed = typed_config  # old private name, kept while callers move over
 
 
 @dataclass

@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import plots
-from experiments.common import RunLogger, RunRecord, UsageError, _typed, entry_point, load_task, settings_from, versions
+from experiments.common import (RunLogger, RunRecord, UsageError, entry_point, load_task, settings_from, typed_config,
+                                versions)
 from experiments.tasks import ranking_metrics, register_methods
 from gex.attribution import InfluenceTask, MethodError, build_method
 from gex.influence import per_sample_losses
@@ -213,7 +214,7 @@ def _score(task: InfluenceTask, opts: ToyConfig, options: dict, rows: Tensor,
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Train theta*, score with every estimator, and write the toy record; returns the metrics."""
-    opts, options = _typed(ToyConfig, cfg.task, "task"), gex_options(cfg.method)
+    opts, options = typed_config(ToyConfig, cfg.task, "task"), gex_options(cfg.method)
     settings, record, start = settings_from(cfg), RunRecord(run_dir, cfg), time.perf_counter()
     register_methods()
     _, task = load_task(settings, logger)

@@ -27,6 +27,8 @@ def per_sample_loss(logits: Tensor, y: Tensor, kind: str = "ce", targets: Tensor
             return F.cross_entropy(logits, y, reduction="none")
         return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
     if kind == "bce":
-        t = targets if targets is not None else F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        if targets is None:  # a comparison, not F.one_hot, whose output size is data-dependent under vmap
+            targets = (y.unsqueeze(-1) == torch.arange(logits.shape[-1], device=y.device)).to(logits.dtype)
+        t = targets
         return F.binary_cross_entropy_with_logits(logits, t, reduction="none").sum(-1)
     raise ValueError(f"loss={kind!r} is unknown; valid choices: {list(LOSSES)}")

@@ -3,7 +3,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -20,7 +19,7 @@ from baselines.random import Random
 from gex.attribution import METHODS, InfluenceTask, MethodError, build_method
 from gex.data import LabeledData
 from gex.runs import ArtifactCache
-from gex.train import TrainConfig, train
+from gex.train import TrainConfig
 
 from conftest import TOL_EXACT, TOL_FLOAT32
 

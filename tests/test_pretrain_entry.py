@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.common import RunLogger, settings_from
@@ -14,7 +13,6 @@ from experiments.pretrain import run
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
-from gex.runs import ArtifactCache
 from gex.train import TrainConfig
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")

@@ -1,5 +1,4 @@
 """The one training loop: schedules, loss decrease, checkpoints, forgetting counts, BN refresh, clipping."""
-import math
 
 import pytest
 import torch
