@@ -100,16 +100,14 @@ def _loop_grads(model: nn.Module, x, y, loss: str) -> torch.Tensor:
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_hooks_equal_vmap_and_loop(name):
-    """ce against vmap(grad) (the reference) and the loop; bce against the loop (the vmap path cannot run bce:
-    F.one_hot inside per_sample_loss is data-dependent under vmap)."""
+    """Both losses against vmap(grad) (the reference) and the per-sample loop."""
     model, x, y = _setup(name)
     assert resolve_backend(model) == "hooks", unsupported_modules(model)
     for loss in ("ce", "bce"):
         hooks = per_sample_grads_hooks(model, x, y, loss)
         torch.testing.assert_close(hooks, _loop_grads(model, x, y, loss), rtol=0, atol=TOL_EXACT)
+        torch.testing.assert_close(hooks, per_sample_grads(model, x, y, loss), rtol=0, atol=TOL_EXACT)
         assert hooks.abs().max() > 1e-3  # not trivially zero
-    torch.testing.assert_close(per_sample_grads_hooks(model, x, y, "ce"), per_sample_grads(model, x, y, "ce"),
-                               rtol=0, atol=TOL_EXACT)
 
 
 class _WithUnused(nn.Module):
