@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gex.attribution import InfluenceTask, MethodError
 from gex.data import DataBundle, DataConfig, NoiseConfig, load_data
+from gex.distributed import DistInfo, barrier, distributed_context, main_first, same_on_ranks
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
 from gex.runs import ArtifactCache, ArtifactError, atomic_save, atomic_write_text
@@ -28,6 +30,10 @@ __all__ = ["Settings", "settings_from", "typed_config", "RunLogger", "RunRecord"
            "versions"]
 
 log = logging.getLogger("gex")
+
+# Collective timeout under torchrun (seconds): the other ranks wait at a barrier while rank 0 pretrains theta*,
+# so it must exceed the longest pretraining; GEX_DIST_TIMEOUT_S overrides it.
+DIST_TIMEOUT_S = 24 * 3600.0
 
 
 class UsageError(ValueError):
@@ -74,9 +80,19 @@ def load_task(s: Settings, logger: "RunLogger | None" = None) -> tuple[DataBundl
     seed_everything(s.seed)
     bundle = load_data(s.data, s.noise, s.seed)
     log_fn = (lambda row: logger.log({f"pretrain/{k}": v for k, v in row.items()})) if logger else None
-    task = pretrained_task(bundle, s.model, s.train, seed=s.seed, data_cfg=s.data, noise_cfg=s.noise,
-                           device=s.device, cache=s.cache, log_fn=log_fn)
+    with main_first():  # under torchrun rank 0 trains and caches theta*, then the other ranks load it
+        task = pretrained_task(bundle, s.model, s.train, seed=s.seed, data_cfg=s.data, noise_cfg=s.noise,
+                               device=s.device, cache=s.cache, log_fn=log_fn)
+    if not same_on_ranks(_fingerprint(task.model)):
+        raise UsageError(f"the ranks hold different theta* (paths.cache={s.cache.root} is not shared by every "
+                         f"rank?); put paths.cache on a filesystem every rank sees, or pretrain in one process first")
     return bundle, task
+
+
+def _fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Sum and sum of squares of every state tensor, float64 ``(2 * len(state_dict),)``: equal models agree."""
+    values = [v.detach().double() for v in model.state_dict().values()]
+    return torch.stack([v.sum() for v in values] + [v.pow(2).sum() for v in values]).cpu()
 
 
 class RunLogger:
@@ -170,33 +186,77 @@ def _remove_if_empty(path: Path) -> None:
         pass
 
 
+def _dist_timeout_s() -> float:
+    """``GEX_DIST_TIMEOUT_S`` when set, else ``DIST_TIMEOUT_S``."""
+    value = os.environ.get("GEX_DIST_TIMEOUT_S", "")
+    try:
+        return float(value) if value else DIST_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"GEX_DIST_TIMEOUT_S={value!r} is not a number of seconds; unset it or give e.g. 7200") from None
+
+
+def _run_job(fn: Callable, job: str, cfg: DictConfig, run_dir: Path, info: DistInfo) -> None:
+    """One rank's run: build the logger, call ``fn``, turn bad input into one line and exit status 2.
+
+    Only rank 0 logs to W&B and announces the run directory; the others get a disabled logger.
+    """
+    logger, ok, start = None, False, time.perf_counter()
+    try:
+        logger = RunLogger(cfg, run_dir, job)
+        if not info.is_main:
+            logger.mode = "disabled"
+        metrics = fn(cfg, run_dir, logger)
+        logger.summary(metrics)
+        ok = True
+    except (ValueError, FileNotFoundError, NotImplementedError, ArtifactError, MethodError) as err:
+        print(f"error: {err}" if info.world_size == 1 else f"error (rank {info.rank}): {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if logger is not None:
+            logger.finish()
+        if ok and info.is_main:
+            print(f"[{job}] done in {time.perf_counter() - start:.1f}s; run written to {run_dir}")
+        elif not ok:
+            _remove_if_empty(run_dir)
+
+
+def _run_other_rank(fn: Callable, job: str, cfg: DictConfig, hydra_dir: Path, info: DistInfo) -> None:
+    """A non-zero rank computes like rank 0 but writes into a scratch folder that is deleted afterwards; the
+    Hydra run directory it was given (its own when the timestamps differ, else rank 0's) is removed if empty."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"gex-{job}-rank{info.rank}-") as scratch:
+            _run_job(fn, job, cfg, Path(scratch), info)
+        barrier()  # rank 0 has written its record: a directory shared with it is not empty any more
+    finally:
+        _remove_if_empty(hydra_dir)
+
+
 def entry_point(job: str) -> Callable[[Callable[[DictConfig, Path, RunLogger], dict]], Callable[[DictConfig], None]]:
     """Wrap ``fn(cfg, run_dir, logger) -> metrics`` for ``hydra.main``.
 
     Bad input (any ``ValueError``/``FileNotFoundError``/``NotImplementedError`` raised while building or running)
     becomes one line on stderr and exit status 2, and an empty run directory is removed. In ``finally`` W&B is
     closed and the run directory printed.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) a process group is opened around ``fn`` (gloo on CPU, nccl on CUDA
+    with ``cuda`` = this rank's GPU); every rank computes, and only rank 0 writes the run record, its figures and
+    the W&B run (see ``_run_other_rank``).
     """
     def wrap(fn):
         @functools.wraps(fn)
         def main(cfg: DictConfig) -> None:
             from hydra.core.hydra_config import HydraConfig
             run_dir = Path(HydraConfig.get().runtime.output_dir)
-            logger, ok, start = None, False, time.perf_counter()
             try:
-                logger = RunLogger(cfg, run_dir, job)
-                metrics = fn(cfg, run_dir, logger)
-                logger.summary(metrics)
-                ok = True
-            except (ValueError, FileNotFoundError, NotImplementedError, ArtifactError, MethodError) as err:
+                with distributed_context(timeout_s=_dist_timeout_s()) as info:
+                    if info.is_main:
+                        _run_job(fn, job, cfg, run_dir, info)
+                        barrier()
+                    else:
+                        _run_other_rank(fn, job, cfg, run_dir, info)
+            except ValueError as err:  # the launch environment (RANK, WORLD_SIZE, MASTER_*); fn's own: _run_job
+                _remove_if_empty(run_dir)
                 print(f"error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
-            finally:
-                if logger is not None:
-                    logger.finish()
-                if ok:
-                    print(f"[{job}] done in {time.perf_counter() - start:.1f}s; run written to {run_dir}")
-                else:
-                    _remove_if_empty(run_dir)
         return main
     return wrap

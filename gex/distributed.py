@@ -10,6 +10,9 @@ which is data order. Outside a process group (one process, or ``WORLD_SIZE`` uns
     with distributed_context() as info:
         norms = torch.cat([g.pow(2).sum(1) for _, g in iter_grad_chunks(model, data, distributed=True)])
         norms = gather_rows(norms)        # (n,) on rank 0 in data order, None on the other ranks
+
+Work that must happen once (training theta* into the cache) runs inside ``main_first()``: rank 0 does it while
+the others wait, then they repeat it (a cache hit); ``same_on_ranks`` checks afterwards that they agree.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["BACKENDS", "DistInfo", "env_info", "world_info", "shard_rows", "gather_rows", "distributed_context",
-           "rank_device"]
+           "rank_device", "barrier", "main_first", "same_on_ranks"]
 
 BACKENDS = ("gloo", "nccl")
 _ENV_NEEDED = ("MASTER_ADDR", "MASTER_PORT")
@@ -170,3 +173,40 @@ def distributed_context(backend: str | None = None, timeout_s: float = 1800.0) -
         yield world_info()
     finally:
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; a no-op outside a process group."""
+    if _active():
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks after it (e.g. rank 0 trains and caches, the others
+    then load the cache); a no-op outside a process group. Every rank must enter it.
+
+    Rank 0 releases the others even when its block raises, so that they fail the same way instead of waiting.
+    """
+    if not _active():
+        yield
+        return
+    if dist.get_rank() != 0:
+        dist.barrier()
+        yield
+        return
+    try:
+        yield
+    finally:
+        dist.barrier()
+
+
+def same_on_ranks(values: Tensor) -> bool:
+    """Whether every rank holds exactly the same ``values`` (any shape, same on each rank), on every rank.
+
+    True outside a process group. Every rank must call it.
+    """
+    if not _active():
+        return True
+    everyone = gather_rows(values.detach().reshape(1, -1), all_ranks=True)
+    return bool((everyone == everyone[:1]).all())

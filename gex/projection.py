@@ -9,6 +9,11 @@ Per-sample gradients come from ``gex.influence.iter_grad_chunks`` (eval-mode BN,
   one block of rows at a time and regenerated from per-row seeds, memory O(chunk x P + block x P + N x d)
   (``MatrixProjector``: the same onto the rows of a given matrix, e.g. Ritz vectors);
 - ``project_trajectory`` / ``using_state``: the same at each trajectory checkpoint (TracIn-style methods).
+
+All of them stream the (train-side) rows through ``reduce_grad_rows``: under a ``torch.distributed`` group of
+world size > 1 (``torchrun``, ``gex.distributed.distributed_context``) each rank streams only its contiguous
+block of rows and the per-row results are gathered to every rank in data order, so that any algebra on them
+afterwards runs identically everywhere; in one process it is a plain loop over the chunks.
 """
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from gex.data import LabeledData
+from gex.distributed import gather_rows
 from gex.influence import iter_grad_chunks, num_params
 
-__all__ = ["GaussianProjector", "MatrixProjector", "project_gradients", "project_trajectory", "using_state",
-           "gradient_self_products", "gradient_cross_products", "WEIGHTINGS", "trajectory_weights"]
+__all__ = ["GaussianProjector", "MatrixProjector", "reduce_grad_rows", "project_gradients", "project_trajectory",
+           "using_state", "gradient_self_products", "gradient_cross_products", "WEIGHTINGS", "trajectory_weights"]
 
 WEIGHTINGS = ("lr", "mean")
 Transform = Callable[[Tensor], Tensor]  # (b, P) -> (b, P), e.g. an inverse-curvature solve
@@ -106,6 +112,31 @@ class MatrixProjector:
 Projector = GaussianProjector | MatrixProjector
 
 
+def reduce_grad_rows(model: nn.Module, data: LabeledData, reduce: Callable[[Tensor], Tensor],
+                     width: tuple[int, ...] = (), loss: str = "ce", chunk_size: int = 256,
+                     desc: str = "per-sample grads") -> Tensor:
+    """``reduce`` applied to every sample's gradient, chunk by chunk: the one streaming loop of this module.
+
+    Under a process group of world size > 1 this rank streams only its block of rows (``gex.distributed``) and
+    the blocks are gathered to every rank; one process streams every row (exactly the plain loop).
+
+    Args:
+        model: eval mode, at the parameters to differentiate at.
+        data: samples (eval view, in order), labels ``data.y``.
+        reduce: ``(b, P)`` gradients -> ``(b, *width)`` per-row results (in the gradients' dtype).
+        width: trailing shape of ``reduce``'s output (needed for a rank that holds no rows).
+        loss: ``ce`` or ``bce``.
+        chunk_size: samples per gradient chunk.
+        desc: progress-bar label.
+
+    Returns:
+        ``(n, *width)`` on CPU in data order, on every rank.
+    """
+    parts = [reduce(g).cpu() for _, g in iter_grad_chunks(model, data, loss, chunk_size, desc, distributed=True)]
+    local = torch.cat(parts) if parts else torch.empty(0, *width, dtype=next(model.parameters()).dtype)
+    return gather_rows(local, all_ranks=True)
+
+
 def project_gradients(model: nn.Module, data: LabeledData, projector: Projector, loss: str = "ce",
                       chunk_size: int = 256) -> Tensor:
     """Projected per-sample gradients ``p_ik = g_i . v_k`` at the model's parameters.
@@ -118,12 +149,11 @@ def project_gradients(model: nn.Module, data: LabeledData, projector: Projector,
         chunk_size: samples per gradient chunk (does not change the result beyond round-off).
 
     Returns:
-        ``(n, d)`` on CPU, in the gradients' dtype.
+        ``(n, d)`` on CPU, in the gradients' dtype (on every rank; see ``reduce_grad_rows``).
     """
     if projector.num_params != num_params(model):
         raise ValueError(f"projector has num_params={projector.num_params}, the model has P={num_params(model)}")
-    chunks = [projector.project(g).cpu() for _, g in iter_grad_chunks(model, data, loss, chunk_size, "project")]
-    return torch.cat(chunks)
+    return reduce_grad_rows(model, data, projector.project, (projector.dim,), loss, chunk_size, "project")
 
 
 @contextmanager
@@ -178,25 +208,23 @@ def gradient_self_products(model: nn.Module, data: LabeledData, loss: str = "ce"
         transform: ``(b, P) -> (b, P)``, e.g. an inverse-curvature solve.
 
     Returns:
-        ``(n,)`` on CPU.
+        ``(n,)`` on CPU (on every rank; see ``reduce_grad_rows``).
     """
-    out = []
-    for _, g in iter_grad_chunks(model, data, loss, chunk_size, "self products"):
+    def reduce(g: Tensor) -> Tensor:
         tg = g if transform is None else transform(g)
-        out.append((g * tg.to(g)).sum(1).cpu())
-    return torch.cat(out)
+        return (g * tg.to(g)).sum(1)
+    return reduce_grad_rows(model, data, reduce, (), loss, chunk_size, "self products")
 
 
 def gradient_cross_products(model: nn.Module, train: LabeledData, test: LabeledData, loss: str = "ce",
                             chunk_size: int = 256, transform: Transform | None = None) -> Tensor:
     """``g_train_i . T(g_test_j)`` for all pairs, ``(n_train, n_test)`` on CPU.
 
-    ``T`` is applied to test gradients only (``len(test)`` rows in total); the train set is streamed once per
-    chunk of ``chunk_size`` test samples.
+    ``T`` is applied to test gradients only (``len(test)`` rows in total, on every rank); the train set is streamed
+    once per chunk of ``chunk_size`` test samples (under a process group: each rank its block of train rows).
     """
     cols = []
     for _, gt in iter_grad_chunks(model, test, loss, chunk_size, "test grads"):
         tg = gt if transform is None else transform(gt).to(gt)
-        rows = [(g @ tg.T).cpu() for _, g in iter_grad_chunks(model, train, loss, chunk_size, "train grads")]
-        cols.append(torch.cat(rows))
+        cols.append(reduce_grad_rows(model, train, lambda g, tg=tg: g @ tg.T, (len(tg),), loss, chunk_size, "train grads"))
     return torch.cat(cols, dim=1)
