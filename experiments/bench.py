@@ -57,7 +57,7 @@ from gex.train import batch_stream, clone_model, lr_at
 from gex.utils import peak_mem_mb, seed_everything
 
 __all__ = ["BenchConfig", "GRAD_PATHS", "compare_grad_paths", "freeze_norm_layers", "opacus_grads", "gex_floor",
-           "time_method", "run", "main"]
+           "time_method", "speed_table", "run", "main"]
 
 log = logging.getLogger("gex")
 
@@ -91,6 +91,10 @@ class BenchConfig:
         peers: compare with installed peer libraries (captum, dattri, kronfluence).
         peer_n: training samples of the peer comparison (test samples: half of it).
         method_options: per-method option overrides on top of ``configs/method/<name>.yaml``.
+        member_batches: ``batch_members`` values of the speed table (``speed_table``); [] skips the table.
+        speed_members: M of the speed table's ensemble builds and evaluations.
+        speed_steps: SGD steps of each timed build (``speed_steps // speed_members`` per member) and of each
+            channels_last / compile timing.
     """
 
     methods: list[str] = field(default_factory=lambda: ["gex", "loss", "el2n", "tracin_rp", "randproj", "grad_dot",
@@ -110,13 +114,19 @@ class BenchConfig:
     peers: bool = False
     peer_n: int = 200
     method_options: dict[str, Any] = field(default_factory=dict)
+    member_batches: list[int] = field(default_factory=lambda: [1, 2, 4])
+    speed_members: int = 4
+    speed_steps: int = 200
 
     def __post_init__(self) -> None:
-        for key in ("n_train", "repeats", "sweep_repeats", "grad_n", "grad_chunk", "peer_n"):
+        for key in ("n_train", "repeats", "sweep_repeats", "grad_n", "grad_chunk", "peer_n", "speed_members",
+                    "speed_steps"):
             if getattr(self, key) < 1:
                 raise UsageError(f"bench.{key}={getattr(self, key)} must be a positive integer")
         if any(n < 1 for n in self.sweep_n):
             raise UsageError(f"bench.sweep_n={list(self.sweep_n)} must hold positive integers")
+        if any(k < 1 for k in self.member_batches):
+            raise UsageError(f"bench.member_batches={list(self.member_batches)} must hold positive integers")
         bad = sorted(set(self.grad_paths) - set(GRAD_PATHS))
         if bad:
             raise UsageError(f"bench.grad_paths has unknown {bad}; valid choices: {list(GRAD_PATHS)}")
@@ -477,6 +487,69 @@ def grad_path_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
+# ------------------------------------------------------------------------- batched members, speed switches
+
+def _speed_row(what: str, setting: str, timing: tuple[float, float, Any], base: tuple[float, float, Any] | None,
+               **extra: Any) -> dict[str, Any]:
+    wall, cpu = timing[0], timing[1]
+    ref = base if base is not None else timing
+    return {"what": what, "setting": setting, "wall_s": wall, "cpu_s": cpu, "speedup": ref[0] / wall,
+            "cpu_speedup": ref[1] / cpu} | extra
+
+
+def _timed_steps(task: InfluenceTask, recipe, steps: int) -> tuple[float, float, Any]:
+    """``steps`` SGD steps of ``recipe`` from theta* (a warm-up step first: compilation is not timed)."""
+    from gex.train import sgd_steps
+    model = clone_model(task.model)
+    stream = batch_stream(task.train, recipe.batch_size, recipe.augment, task.generator(0x5BED), task.device)
+    sgd_steps(model, stream, 1, recipe, desc="speed warm-up")
+    return _timed(lambda: sgd_steps(model, stream, steps, recipe, desc="speed"), task.device)
+
+
+def speed_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
+    """Batched ensemble members and the training loop's speed switches, as ratios measured in this run.
+
+    On the bench's ``n_train`` subset with GEX's options: building ``speed_members`` independent members (so that
+    k of them can train together) of ``speed_steps // speed_members`` steps with each ``batch_members`` of
+    ``member_batches`` (in memory); their
+    member losses one member per pass against all members in one vmapped pass; and ``speed_steps`` SGD steps of
+    a cycle's recipe with ``channels_last`` and ``compile`` on against off. ``speedup`` = baseline wall time / this
+    wall time (> 1 = faster); each setting runs once after an untimed warm-up (compilation, first vmap).
+    """
+    from gex.ensemble import build_ensemble, cycle_recipe
+    from gex.influence import losses_for_states, losses_for_states_batched
+    sub = subtask(task, opts.n_train, None)
+    base_cfg = build_method("gex", **method_options("gex", opts.method_options.get("gex", {}))).config
+    cfg = replace(base_cfg, num_members=opts.speed_members, ft_step=max(1, opts.speed_steps // opts.speed_members),
+                  members="independent", num_chains=1)
+    rows, base, members = [], None, None
+    for k in opts.member_batches:
+        build = lambda k=k: list(build_ensemble(sub, replace(cfg, batch_members=k)))  # noqa: E731
+        build_ensemble(sub, replace(cfg, batch_members=k, ft_step=1, bn_batches=1))  # warm-up, untimed
+        timing = _timed(build, task.device)
+        base = base or timing
+        members = members or timing[2]
+        rows.append(_speed_row("build members", f"batch_members={k}", timing, base, n=len(sub.train),
+                               members=cfg.num_members, steps=cfg.num_members * cfg.ft_step))
+    if members is not None:
+        evals = {"per member": lambda: losses_for_states(sub.model, members, sub.train, sub.loss, EVAL_BATCH),
+                 f"batched ({len(members)} per pass)": lambda: losses_for_states_batched(
+                     sub.model, members, sub.train, sub.loss, EVAL_BATCH, len(members))}
+        base = None
+        for name, fn in evals.items():
+            fn()  # warm-up
+            timing = _timed(fn, task.device)
+            base = base or timing
+            rows.append(_speed_row("member losses", name, timing, base, n=len(sub.train), members=len(members)))
+    recipe = cycle_recipe(base_cfg, task.loss)
+    base = _timed_steps(sub, recipe, opts.speed_steps)
+    rows.append(_speed_row("sgd steps", "plain", base, None, n=len(sub.train), steps=opts.speed_steps))
+    for key in ("channels_last", "compile"):
+        timing = _timed_steps(sub, replace(recipe, **{key: True}), opts.speed_steps)
+        rows.append(_speed_row("sgd steps", key, timing, base, n=len(sub.train), steps=opts.speed_steps))
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------------------- method jobs
 
 def _method_job(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -692,6 +765,9 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
                 "Scaling sweep": _write_table(sweep, run_dir / "bench_sweep")}
     if peers is not None:
         sections["Peers"] = _write_table(peers, run_dir / "bench_peers")
+    if opts.member_batches:
+        sections["Batched members and speed switches"] = _write_table(speed_table(task, opts),
+                                                                      run_dir / "bench_speed")
     if len(sweep):
         _sweep_plot(sweep, run_dir / "bench_sweep.png")
     _summary(run_dir, sections)

@@ -15,12 +15,21 @@ with the member index, so a member depends only on its start state and its index
 build, or growing M, gives bitwise the same members as an uninterrupted run. Fine-tuning is exactly
 ``M * ft_step`` optimizer steps. With a cache, one file per member (``member_<i>``) is written as soon as it is
 finished and members are loaded one at a time when iterated; without one they are kept in memory.
+
+``batch_members = k > 1`` trains up to k members that do not depend on each other together (``run_cycles``:
+parameters and BN buffers stacked, one vmapped forward/backward per step, ``gex.train.stacked_sgd_steps``): the
+members of one round of a chain (``rC .. rC+C-1``, which all start from round ``r-1``'s ends or theta*), or any
+members with ``members="independent"``. Each member keeps its own data stream, augmentation draws, BN-refresh
+batches and momentum buffer, so batched members equal sequential ones up to float rounding (not bitwise: vmap sums
+in another order). ``batch_members`` is therefore not part of the cache key: members built either way are reused.
+On a CPU the vmapped step is slower than k separate steps for conv nets (``experiments.bench``'s speed table);
+the switch is for accelerators, where one wide step beats k narrow ones.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,10 +37,11 @@ from torch import Tensor
 
 from gex.attribution import InfluenceTask
 from gex.runs import atomic_save, load_artifact
-from gex.train import TrainConfig, batch_stream, clone_model, sgd_steps, snapshot, update_bn
+from gex.train import (TrainConfig, batch_stream, clone_model, sgd_steps, snapshot, speed_of, stack_states,
+                       stacked_sgd_steps, stacked_update_bn, unstack_state, update_bn)
 
-__all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "cycle_recipe", "member_start",
-           "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
+__all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "run_cycles", "cycle_recipe",
+           "member_start", "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class EnsembleConfig:
         weight_decay: L2 coefficient on all parameters.
         momentum: heavy-ball momentum (the buffer restarts every cycle).
         bn_batches: train-view batches of the BN-statistics refresh after each cycle.
+        batch_members: how many members that do not depend on each other train together (vmapped); 1 = one at a
+            time (the sequential path). Not part of the cache key (the members agree up to float rounding).
     """
 
     num_members: int = 8
@@ -73,9 +85,10 @@ class EnsembleConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     bn_batches: int = 50
+    batch_members: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("num_members", "ft_step", "ft_batch_size", "num_chains", "bn_batches"):
+        for key in ("num_members", "ft_step", "ft_batch_size", "num_chains", "bn_batches", "batch_members"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key}={value!r} is invalid; it must be a positive integer")
@@ -96,8 +109,8 @@ class EnsembleConfig:
                              f"set num_chains=1 with members='independent'")
 
     def member_spec(self) -> dict[str, Any]:
-        """The fields that determine member i (all but ``num_members``), for the cache key."""
-        return {k: v for k, v in asdict(self).items() if k != "num_members"}
+        """The fields that determine member i (all but ``num_members`` and ``batch_members``), for the cache key."""
+        return {k: v for k, v in asdict(self).items() if k not in ("num_members", "batch_members")}
 
 
 def member_start(cfg: EnsembleConfig, index: int) -> int | None:
@@ -129,16 +142,51 @@ def run_cycle(task: InfluenceTask, cfg: EnsembleConfig, start: State, index: int
         on_step: passed to ``sgd_steps`` (called after each step with step, batch, logits, lr).
 
     Returns:
-        The member's parameters and BN buffers, on CPU.
+        The member's parameters and BN buffers, on CPU. The pretraining recipe's speed switches
+        (``channels_last``, ``amp_bf16``, ``compile``) apply to the cycle too.
     """
     model = clone_model(task.model)
     model.load_state_dict(start)
-    recipe = cycle_recipe(cfg, task.loss)
+    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe))
     stream = batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * index),
                           task.device)
     sgd_steps(model, stream, cfg.ft_step, recipe, on_step=on_step, desc=f"ensemble member {index}")
     update_bn(model, task.train, recipe, task.generator(_SALT + 2 * index + 1), task.device)
     return snapshot(model)
+
+
+def run_cycles(task: InfluenceTask, cfg: EnsembleConfig, starts: list[State], indices: list[int],
+               on_step: Callable[..., None] | None = None) -> list[State]:
+    """``run_cycle`` for k members at once (stacked under vmap); member ``indices[j]`` starts from ``starts[j]``.
+
+    Each member draws from its own generators (``_SALT + 2 * index`` for its data and augmentation,
+    ``+ 1`` for its BN refresh) and has its own momentum buffer, so the results equal k ``run_cycle`` calls up to
+    float rounding.
+
+    Args:
+        task: the pretrained task.
+        cfg: the ensemble config.
+        starts: k start states (``snapshot``s).
+        indices: the k member indices.
+        on_step: called after each step once per member, in the order of ``indices``, with (step, that member's
+            batch, its logits, lr); the k members' calls of step t all come before those of step t + 1.
+
+    Returns:
+        The k members' parameters and BN buffers, on CPU, in the order of ``indices``.
+
+    Raises:
+        ValueError: the pretraining recipe asks for ``channels_last`` or ``compile`` (not run under vmap).
+    """
+    model = clone_model(task.model)  # a container for functional_call: its own weights are not used
+    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe))
+    stacked = stack_states(model, starts, task.device)
+    streams = [batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * i),
+                            task.device) for i in indices]
+    stacked_sgd_steps(model, stacked, streams, cfg.ft_step, recipe, on_step=on_step,
+                      desc=f"ensemble members {indices[0]}-{indices[-1]}")
+    stacked_update_bn(model, stacked, task.train, recipe, [task.generator(_SALT + 2 * i + 1) for i in indices],
+                      task.device)
+    return [unstack_state(stacked, j) for j in range(len(indices))]
 
 
 class Ensemble:
@@ -199,6 +247,15 @@ class _MemberStore:
         return Ensemble(size, self.get, str(self.folder) if self.folder is not None else "memory")
 
 
+def _next_group(cfg: EnsembleConfig, store: _MemberStore, pending: list[int]) -> list[int]:
+    """Up to ``batch_members`` pending members whose start is ready (theta* or a finished member), lowest first.
+
+    The lowest pending member is always ready (its start has a lower index), so chains advance round by round.
+    """
+    ready = [i for i in pending if member_start(cfg, i) is None or store.has(member_start(cfg, i))]
+    return ready[:cfg.batch_members]
+
+
 def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
                    on_step: Callable[..., None] | None = None) -> Ensemble:
     """Build (or load, or finish) the M members of ``cfg`` for ``task``.
@@ -210,7 +267,8 @@ def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
     Args:
         task: the pretrained task; ``task.cache`` (None = in memory) holds one file per member.
         cfg: the ensemble config.
-        on_step: per-step callback of the fine-tuning (counting, logging).
+        on_step: per-step callback of the fine-tuning (counting, logging); with ``batch_members > 1`` it is
+            called once per member per step, a group's members interleaved step by step (see ``run_cycles``).
 
     Returns:
         The ensemble, ``len == cfg.num_members``.
@@ -220,16 +278,18 @@ def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
     """
     store = _MemberStore(task, cfg)
     theta_star = snapshot(task.model)
-    trained = 0
-    for index in range(cfg.num_members):
-        if store.has(index):
-            continue
-        source = member_start(cfg, index)
-        start = theta_star if source is None else store.get(source)
+    pending = [i for i in range(cfg.num_members) if not store.has(i)]
+    trained = len(pending)
+    while pending:
+        group = _next_group(cfg, store, pending)
+        starts = [theta_star if member_start(cfg, i) is None else store.get(member_start(cfg, i)) for i in group]
         begin = time.perf_counter()
-        store.put(index, run_cycle(task, cfg, start, index, on_step))
-        trained += 1
-        log.info("ensemble member %d/%d trained in %.1fs", index + 1, cfg.num_members, time.perf_counter() - begin)
+        states = [run_cycle(task, cfg, starts[0], group[0], on_step)] if len(group) == 1 else \
+            run_cycles(task, cfg, starts, group, on_step)
+        for index, state in zip(group, states):
+            store.put(index, state)
+            pending.remove(index)
+        log.info("ensemble members %s of %d trained in %.1fs", group, cfg.num_members, time.perf_counter() - begin)
     ensemble = store.ensemble(cfg.num_members)
     if trained < cfg.num_members:
         log.info("ensemble: reused %d of %d finished members from %s", cfg.num_members - trained,

@@ -28,8 +28,8 @@ from torch import Tensor
 from gex.attribution import Attributor, InfluenceTask, register
 from gex.data import LabeledData
 from gex.ensemble import Ensemble, EnsembleConfig, build_ensemble
-from gex.influence import (linearized_losses, loss_deviations, losses_for_states, param_names, params_vector,
-                           per_sample_losses)
+from gex.influence import (linearized_losses, loss_deviations, losses_for_states, losses_for_states_batched,
+                           param_names, params_vector, per_sample_losses)
 
 __all__ = ["GEX", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning"]
 
@@ -51,16 +51,23 @@ class GEX(Attributor):
         top_frac: share of samples counted as "top" (highest self-influence) in ``diagnostics``.
         warn_below_frac: warn when more than this share of samples has a median member loss below eps.
         batch_size: samples per evaluation forward.
+        batch_members: members trained together (vmapped) when they do not depend on each other; 1 = one at a
+            time (see ``gex.ensemble``; equal members up to float rounding, slower on a CPU for conv nets).
+        eval_batched: evaluate ``eval_members`` members per pass over the data (vmapped, each batch read once per
+            pass) instead of one member per pass; equal losses up to float rounding.
+        eval_members: members per batched evaluation pass (bounds memory: activations of that many models).
     """
 
     uses_clamp = True  # GEXMeanLoss has no reference, hence no clamp to invert
+    evaluates_members = True  # GEXLin evaluates the linearized network instead: eval_batched does not apply
 
     def __init__(self, num_members: int = 8, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
                  ft_batch_size: int = 128, ft_augment: bool = True, num_chains: int = 1, members: str = "chain",
                  eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 50,
-                 top_frac: float = 0.1, warn_below_frac: float = 0.5, batch_size: int = 1024):
+                 top_frac: float = 0.1, warn_below_frac: float = 0.5, batch_size: int = 1024,
+                 batch_members: int = 1, eval_batched: bool = False, eval_members: int = 8):
         self.config = EnsembleConfig(num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment,
-                                     num_chains, members, weight_decay, momentum, bn_batches)
+                                     num_chains, members, weight_decay, momentum, bn_batches, batch_members)
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps={eps!r} is invalid; it must be >= 0 (0 disables the clamp)")
         if not 0 < top_frac < 1 or not 0 < warn_below_frac <= 1:
@@ -68,8 +75,15 @@ class GEX(Attributor):
                              f"need 0 < top_frac < 1 and 0 < warn_below_frac <= 1")
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} is invalid; it must be positive")
+        if not isinstance(eval_batched, bool):
+            raise ValueError(f"eval_batched={eval_batched!r} is invalid; valid choices: [False, True]")
+        if eval_batched and not self.evaluates_members:
+            raise ValueError(f"eval_batched=True does not apply to {type(self).__name__} (it evaluates the "
+                             f"linearized network, not the members); set eval_batched=false")
+        if isinstance(eval_members, bool) or not isinstance(eval_members, int) or eval_members < 1:
+            raise ValueError(f"eval_members={eval_members!r} is invalid; it must be a positive integer")
         self.eps, self.top_frac, self.warn_below_frac = float(eps), top_frac, warn_below_frac
-        self.batch_size = batch_size
+        self.batch_size, self.eval_batched, self.eval_members = batch_size, eval_batched, eval_members
         self.ensemble: Ensemble | None = None
         self._losses: dict[tuple[str, int], tuple[LabeledData, Tensor]] = {}
         self._diagnostics: dict[str, float] = {}
@@ -98,6 +112,9 @@ class GEX(Attributor):
 
     def _member_losses(self, data: LabeledData) -> Tensor:
         task = self._require_fit()
+        if self.eval_batched:
+            return losses_for_states_batched(task.model, self.ensemble, data, task.loss, self.batch_size,
+                                             self.eval_members, desc=f"{self.name} member losses")
         return losses_for_states(task.model, self.ensemble, data, task.loss, self.batch_size,
                                  desc=f"{self.name} member losses")
 
@@ -187,6 +204,8 @@ class GEXLin(GEX):
     member's refreshed statistics normalize that change away; on the toy this makes linearized losses reach
     hundreds where members' stay below 2.
     """
+
+    evaluates_members = False
 
     def _member_losses(self, data: LabeledData) -> Tensor:
         task = self._require_fit()

@@ -17,7 +17,7 @@ from gex.losses import per_sample_loss
 from gex.utils import progress
 
 __all__ = ["param_names", "params_vector", "vector_to_params", "model_state", "per_sample_losses",
-           "losses_for_states", "iter_grad_chunks", "per_sample_grads", "hvp", "loss_grad",
+           "losses_for_states", "losses_for_states_batched", "iter_grad_chunks", "per_sample_grads", "hvp", "loss_grad",
            "linearized_losses", "num_params", "loss_deviations"]
 
 Params = dict[str, Tensor]
@@ -86,6 +86,57 @@ def losses_for_states(model: nn.Module, states: Sequence[dict[str, Tensor]] | It
     finally:
         model.load_state_dict(original)
     return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def losses_for_states_batched(model: nn.Module, states: Sequence[dict[str, Tensor]] | Iterator[dict[str, Tensor]],
+                              data: LabeledData, loss: str = "ce", batch_size: int = 1024, members_per_pass: int = 8,
+                              desc: str = "losses") -> Tensor:
+    """``losses_for_states`` with up to ``members_per_pass`` states evaluated together, shape ``(n, M)``.
+
+    The states of a pass are stacked and ``functional_call`` runs under ``vmap`` over them, so each batch is read
+    once per pass instead of once per state; memory grows with ``members_per_pass`` (activations of that many
+    models on one batch). Equal to ``losses_for_states`` up to float rounding. ``model`` is only the container:
+    it is not changed.
+
+    Args:
+        model: the architecture (eval mode is set).
+        states: M state dicts (loaded lazily, ``members_per_pass`` at a time).
+        data: samples, with labels ``data.y``.
+        loss: ``ce`` or ``bce``.
+        batch_size: samples per forward.
+        members_per_pass: states stacked per pass over the data.
+        desc: progress-bar label.
+
+    Raises:
+        ValueError: ``members_per_pass`` < 1.
+    """
+    if members_per_pass < 1:
+        raise ValueError(f"members_per_pass={members_per_pass!r} is invalid; it must be a positive integer")
+    model.eval()
+    device, keys = _device(model), set(model.state_dict().keys())
+    fn = lambda p, xb: functional_call(model, p, (xb,))  # noqa: E731
+    columns, chunk = [], []
+    for state in progress(states, desc=desc):
+        chunk.append(state)
+        if len(chunk) == members_per_pass:
+            columns.append(_stacked_eval(fn, chunk, keys, data, loss, batch_size, device))
+            chunk = []
+    if chunk:
+        columns.append(_stacked_eval(fn, chunk, keys, data, loss, batch_size, device))
+    return torch.cat(columns, dim=1)
+
+
+def _stacked_eval(fn, chunk, keys, data, loss, batch_size, device) -> Tensor:
+    """``(n, k)`` eval losses of the k states of ``chunk``, one vmapped forward per batch."""
+    stacked = {key: torch.stack([s[key] for s in chunk]).to(device) for key in keys}
+    out = []
+    for batch in iter_batches(data, batch_size, device=device):
+        logits = vmap(fn, in_dims=(0, None))(stacked, batch.x)                       # (k, b, K)
+        k, b = logits.shape[:2]
+        losses = per_sample_loss(logits.flatten(0, 1), batch.y.repeat(k), loss).view(k, b)
+        out.append(losses.T.float().cpu())
+    return torch.cat(out)
 
 
 def _sample_loss_fn(model: nn.Module, frozen: Params, loss: str) -> Callable[[Params, Tensor, Tensor], Tensor]:

@@ -4,25 +4,39 @@ SGD with heavy-ball momentum and an L2 penalty on *all* parameters (the authors'
 BN, linear warmup then cosine (or constant LR with gradient-norm clipping, the clip seeing the L2 term as in the
 authors' optax chain), trajectory checkpoints, forgetting counts, and a BN-statistics refresh before every
 evaluation and snapshot.
+
+Speed switches (``channels_last``, ``amp_bf16``, ``compile``) change how the steps run, not what they compute
+(``amp_bf16`` to bf16 precision). There is no ``pin_memory`` switch: a split lives where the work runs
+(``LabeledData.to(device)``), and ``iter_batches`` indexes it there, so no batch ever crosses from pageable host
+memory to the accelerator during training and pinning would have nothing to pin.
+
+``stacked_sgd_steps`` / ``stacked_update_bn`` run k independent models at once (parameters and buffers stacked
+along a leading member axis, ``torch.func.functional_call`` under ``vmap``), with the same optimizer, schedule,
+weight decay and clipping as ``sgd_steps`` (shared through ``make_optimizer`` and ``regularize_and_clip``).
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 
 from gex.data import Batch, LabeledData, iter_batches
 from gex.losses import LOSSES, per_sample_loss
 from gex.utils import progress
 
 __all__ = ["TrainConfig", "Checkpoint", "TrainResult", "train", "sgd_steps", "lr_at", "update_bn",
-           "eval_logits", "eval_losses", "batch_stream", "snapshot", "clone_model"]
+           "eval_logits", "eval_losses", "batch_stream", "snapshot", "clone_model", "make_optimizer",
+           "regularize_and_clip", "check_speed", "speed_of", "SPEED_FIELDS", "Stacked", "stack_states",
+           "unstack_state", "stacked_sgd_steps", "stacked_update_bn"]
 
 SCHEDULES = ("warmup_cosine", "constant")
+SPEED_FIELDS = ("channels_last", "amp_bf16", "compile")
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm; the per-member clip uses the same
 
 
 @dataclass
@@ -43,6 +57,12 @@ class TrainConfig:
         ckpt_fracs: fractions of training after which a trajectory checkpoint is kept.
         bn_batches: train-mode batches used to refresh BN statistics before evaluation/snapshots.
         loss: ``ce`` or ``bce``.
+        channels_last: model and 4-d inputs in ``torch.channels_last`` memory format during the steps (the same
+            function; results equal to float rounding).
+        amp_bf16: bf16 autocast of the forward during the steps; CUDA only (on CPU the loop raises ``ValueError``
+            rather than silently running in float32).
+        compile: ``torch.compile`` the model for the steps (inductor; the first step compiles, tens of seconds on a
+            CPU; later models of the same architecture reuse the compiled code).
     """
 
     epochs: int = 40
@@ -58,8 +78,14 @@ class TrainConfig:
     ckpt_fracs: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])
     bn_batches: int = 50
     loss: str = "ce"
+    channels_last: bool = False
+    amp_bf16: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        for key in SPEED_FIELDS:
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"train.{key}={getattr(self, key)!r} is invalid; valid choices: [False, True]")
         if self.epochs <= 0 and not self.steps:
             raise ValueError(f"train.epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
@@ -79,6 +105,10 @@ class TrainConfig:
     def total_steps(self, n: int) -> int:
         """Steps of this recipe on ``n`` samples (schedules are sized to what is trained on)."""
         return self.steps if self.steps else self.epochs * math.ceil(n / self.batch_size)
+
+    def cache_spec(self) -> dict:
+        """``asdict`` without the speed switches that are off: artefact keys made before they existed stay valid."""
+        return {k: v for k, v in asdict(self).items() if k not in SPEED_FIELDS or v}
 
 
 @dataclass
@@ -123,12 +153,86 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _weighted_loss(model: nn.Module, batch: Batch, loss: str) -> tuple[Tensor, Tensor]:
-    logits = model(batch.x)
-    losses = per_sample_loss(logits, batch.y, loss, batch.targets)
-    if batch.weights is not None:
-        return (losses * batch.weights).sum() / batch.weights.sum(), logits
-    return losses.mean(), logits
+def _weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of per-sample losses over the last axis, weighted when the batch carries weights."""
+    if weights is not None:
+        return (losses * weights).sum(-1) / weights.sum(-1)
+    return losses.mean(-1)
+
+
+def _weighted_loss(model: Callable[[Tensor], Tensor], batch: Batch, loss: str,
+                   channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    logits = model(_as_input(batch.x, channels_last))
+    return _weighted_mean(per_sample_loss(logits, batch.y, loss, batch.targets), batch.weights), logits
+
+
+def _as_input(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def check_speed(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse speed switches the device cannot honour (bf16 autocast is CUDA-only here).
+
+    Raises:
+        ValueError: ``amp_bf16`` on a non-CUDA device.
+    """
+    if cfg.amp_bf16 and torch.device(device).type != "cuda":
+        raise ValueError(f"train.amp_bf16=True needs a CUDA device (got {torch.device(device).type}); "
+                         f"set train.amp_bf16=false")
+
+
+def speed_of(cfg: TrainConfig) -> dict[str, bool]:
+    """The speed switches of ``cfg``, to carry over into another recipe (``dataclasses.replace(r, **speed)``)."""
+    return {k: getattr(cfg, k) for k in SPEED_FIELDS}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16)
+
+
+def _compiled(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``torch.compile(model)``, whose first call compiles; a failure names the switch that asked for it."""
+    compiled = torch.compile(model)
+
+    def forward(x: Tensor) -> Tensor:
+        try:
+            return compiled(x)
+        except torch._dynamo.exc.TorchDynamoException as err:  # e.g. BackendCompilerFailed: no C++ compiler
+            raise RuntimeError(f"train.compile=True failed to compile {type(model).__name__} "
+                               f"({type(err).__name__}); set train.compile=false") from err
+    return forward
+
+
+def make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum from a fresh buffer; PyTorch's fused L2 term unless clipping needs it added by hand.
+
+    Every update is elementwise, so the same optimizer steps one model or k models stacked along a member axis.
+    """
+    manual_wd = cfg.clip_norm is not None
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=0.0 if manual_wd else cfg.weight_decay)
+
+
+@torch.no_grad()
+def regularize_and_clip(params: list[Tensor], cfg: TrainConfig, stacked: bool = False) -> None:
+    """With clipping: add the L2 gradient, then clip the global norm (the authors' optax order); else nothing.
+
+    Args:
+        params: parameters with ``.grad`` set.
+        cfg: the recipe (``clip_norm``, ``weight_decay``).
+        stacked: the parameters carry a leading member axis; each member's norm is clipped on its own.
+    """
+    if cfg.clip_norm is None:
+        return
+    for p in params:
+        p.grad.add_(p, alpha=cfg.weight_decay)
+    if not stacked:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        return
+    norms = torch.stack([p.grad.flatten(1).norm(dim=1) for p in params], dim=1).norm(dim=1)  # (k,)
+    scale = (cfg.clip_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
 
 
 def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: TrainConfig,
@@ -141,33 +245,36 @@ def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: Trai
         stream: batches (see ``batch_stream``).
         n_steps: number of optimizer steps.
         schedule_steps: length of the LR schedule (default ``n_steps``); longer = stop early inside it (EL2N).
-        cfg: the recipe (lr, momentum, weight decay, schedule, clipping, loss).
+        cfg: the recipe (lr, momentum, weight decay, schedule, clipping, loss, speed switches).
         on_step: called after each step with (step, batch, pre-update logits, lr).
         desc: progress-bar label.
+
+    Raises:
+        ValueError: a speed switch the model's device cannot honour (``check_speed``).
     """
+    device = next(model.parameters()).device
+    check_speed(cfg, device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = _compiled(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    # With clipping, the L2 term must be in the gradient before the clip (as the authors' optax chain), so
-    # add it by hand; otherwise PyTorch's fused weight_decay is the same L2 gradient.
-    manual_wd = cfg.clip_norm is not None
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=0.0 if manual_wd else cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     model.train()
     for step in progress(range(n_steps), desc=desc, total=n_steps):
         batch = next(stream)
         lr = lr_at(step, schedule_steps or n_steps, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, logits = _weighted_loss(model, batch, cfg.loss)
+        with _autocast(cfg, device):
+            loss, logits = _weighted_loss(forward, batch, cfg.loss, cfg.channels_last)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if manual_wd:
-            with torch.no_grad():
-                for p in params:
-                    p.grad.add_(p, alpha=cfg.weight_decay)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        regularize_and_clip(params, cfg)
         opt.step()
         if on_step is not None:
             on_step(step, batch, logits.detach(), lr)
+    if cfg.channels_last:  # leave the usual layout behind: clones and snapshots look as without the switch
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
 
 
@@ -193,6 +300,143 @@ def update_bn(model: nn.Module, data: LabeledData, cfg: TrainConfig, generator: 
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
+
+
+# ------------------------------------------------------------------- k independent models at once
+
+@dataclass
+class Stacked:
+    """k models of one architecture, stacked along a leading member axis of size k.
+
+    Attributes:
+        params: trainable parameters, each ``(k, *shape)``, leaves with ``requires_grad``.
+        buffers: buffers and frozen parameters, each ``(k, *shape)`` (BN statistics are updated in place).
+        keys: the ``state_dict`` order, so ``unstack_state`` returns what ``snapshot`` would.
+    """
+
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+
+def stack_states(model: nn.Module, states: list[dict[str, Tensor]], device: torch.device) -> Stacked:
+    """Stack k state dicts of ``model``'s architecture (``snapshot``s) on ``device``."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    keys = list(model.state_dict().keys())
+    stack = lambda n: torch.stack([s[n] for s in states]).to(device)  # noqa: E731
+    return Stacked({n: stack(n).requires_grad_() for n in keys if n in trainable},
+                   {n: stack(n) for n in keys if n not in trainable}, keys)
+
+
+def unstack_state(stacked: Stacked, member: int) -> dict[str, Tensor]:
+    """Member ``member``'s parameters and buffers as a CPU state dict (like ``snapshot``)."""
+    both = stacked.params | stacked.buffers
+    return {k: both[k][member].detach().to("cpu", copy=True) for k in stacked.keys}
+
+
+def _stacked_forward(model: nn.Module, stacked: Stacked, x: Tensor) -> Tensor:
+    """Logits ``(k, b, K)`` of member j on ``x[j]`` (``x``: ``(k, b, ...)``), in the container's train/eval mode."""
+    fn = lambda p, b, xj: functional_call(model, (p, b), (xj,))  # noqa: E731
+    return vmap(fn)(stacked.params, stacked.buffers, x)
+
+
+def _stacked_losses(logits: Tensor, batches: list[Batch], loss: str) -> Tensor:
+    """Each member's (weighted) mean loss on its own batch, shape ``(k,)``."""
+    k, b = logits.shape[:2]
+    pick = lambda name: None if getattr(batches[0], name) is None else \
+        torch.stack([getattr(bt, name) for bt in batches])  # noqa: E731
+    targets, weights = pick("targets"), pick("weights")
+    per = per_sample_loss(logits.flatten(0, 1), pick("y").flatten(), loss,
+                          None if targets is None else targets.flatten(0, 1)).view(k, b)
+    return _weighted_mean(per, weights)
+
+
+def _check_stackable(cfg: TrainConfig) -> None:
+    for key in ("channels_last", "compile"):
+        if getattr(cfg, key):
+            raise ValueError(f"train.{key}=True is not supported for models stacked under vmap (batched ensemble "
+                             f"members); set train.{key}=false or batch_members=1")
+
+
+def stacked_sgd_steps(model: nn.Module, stacked: Stacked, streams: list[Iterator[Batch]], n_steps: int,
+                      cfg: TrainConfig, on_step: Callable[[int, Batch, Tensor, float], None] | None = None,
+                      desc: str = "train") -> None:
+    """``sgd_steps`` for k independent models at once: member j takes its batches from ``streams[j]`` only.
+
+    The same LR schedule, fresh momentum, weight decay and (per-member) clipping as ``sgd_steps``; the members equal
+    k separate ``sgd_steps`` runs up to float rounding (vmap sums in another order).
+
+    Args:
+        model: the architecture (a container: its own weights are neither used nor changed; train mode during the
+            steps, eval mode after).
+        stacked: the k models, trained in place (``params`` and BN ``buffers``).
+        streams: k batch streams of equal batch sizes (``batch_stream`` over the same data).
+        n_steps: optimizer steps.
+        cfg: the recipe.
+        on_step: called after each step once per member, in member order, with (step, that member's batch, its
+            pre-update logits ``(b, K)``, lr).
+        desc: progress-bar label.
+
+    Raises:
+        ValueError: ``channels_last`` or ``compile`` (not run under vmap), or ``amp_bf16`` off CUDA.
+    """
+    device = next(iter(stacked.params.values())).device
+    check_speed(cfg, device)
+    _check_stackable(cfg)
+    leaves = list(stacked.params.values())
+    opt = make_optimizer(leaves, cfg)
+    model.train()
+    for step in progress(range(n_steps), desc=desc, total=n_steps):
+        batches = [next(s) for s in streams]
+        lr = lr_at(step, n_steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with _autocast(cfg, device):
+            logits = _stacked_forward(model, stacked, torch.stack([b.x for b in batches]))
+            losses = _stacked_losses(logits, batches, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()  # member j's parameters receive exactly the gradient of member j's loss
+        regularize_and_clip(leaves, cfg, stacked=True)
+        opt.step()
+        if on_step is not None:
+            for batch, member_logits in zip(batches, logits.detach()):
+                on_step(step, batch, member_logits, lr)
+    model.eval()
+
+
+@torch.no_grad()
+def stacked_update_bn(model: nn.Module, stacked: Stacked, data: LabeledData, cfg: TrainConfig,
+                      generators: list[torch.Generator], device: torch.device) -> None:
+    """``update_bn`` for k stacked models, member j on the batches of ``generators[j]``.
+
+    ``update_bn``'s cumulative average sets BN's factor to ``1 / float(num_batches_tracked)``, which cannot be read
+    from a counter batched under vmap; every member has seen the same number of batches, so the factor ``1 / t`` of
+    batch t is set as BN's momentum instead (the same update).
+    """
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    if not norms:
+        return
+    for name in norms:
+        prefix = f"{name}." if name else ""
+        stacked.buffers[prefix + "running_mean"].zero_()
+        stacked.buffers[prefix + "running_var"].fill_(1)
+        stacked.buffers[prefix + "num_batches_tracked"].zero_()
+    saved = {name: m.momentum for name, m in norms.items()}
+    streams = [batch_stream(data, cfg.batch_size, cfg.augment, g, device) for g in generators]
+    model.train()
+    try:
+        for t in range(1, cfg.bn_batches + 1):
+            for m in norms.values():
+                m.momentum = 1.0 / t
+            _stacked_forward(model, stacked, torch.stack([next(s).x for s in streams]))
+    finally:
+        for name, m in norms.items():
+            m.momentum = saved[name]
+        model.eval()
 
 
 @torch.no_grad()

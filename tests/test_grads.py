@@ -225,7 +225,8 @@ def test_bench_smoke_writes_its_record(tmp_path):
                  "model.options.depth=1", "train=smoke", f"paths.cache={tmp_path / 'cache'}", "bench.n_train=200",
                  "bench.methods=[loss,grad_dot,not_a_method]", "bench.sweep_methods=[grad_dot]",
                  "bench.sweep_n=[100,200]", "bench.repeats=1", "bench.grad_n=64", "bench.grad_chunk=32",
-                 "bench.grad_paths=[hooks,vmap]", "bench.isolate=false", "bench.warmup=false"]
+                 "bench.grad_paths=[hooks,vmap]", "bench.isolate=false", "bench.warmup=false",
+                 "bench.member_batches=[1,2]", "bench.speed_members=2", "bench.speed_steps=4"]
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose("bench", overrides=overrides)
     run_dir = tmp_path / "run"
@@ -239,7 +240,7 @@ def test_bench_smoke_writes_its_record(tmp_path):
     assert "not_a_method.wall_s" not in stored
     assert stored["grad_dot.grad_forwards"] >= 1                       # the per-sample-gradient forwards
     assert stored["grads.vmap.ratio_to_hooks"] > 0 and stored["grads.hooks.ratio_to_hooks"] == 1
-    for stem in ("bench_methods", "bench_grads", "bench_sweep"):
+    for stem in ("bench_methods", "bench_grads", "bench_sweep", "bench_speed"):
         assert (run_dir / f"{stem}.csv").stat().st_size > 0 and (run_dir / f"{stem}.md").stat().st_size > 0
     sweep = pd.read_csv(run_dir / "bench_sweep.csv")
     assert sorted(sweep["n"]) == [100, 200] and set(sweep["method"]) == {"grad_dot"}
@@ -248,3 +249,7 @@ def test_bench_smoke_writes_its_record(tmp_path):
     grads = pd.read_csv(run_dir / "bench_grads.csv")
     assert grads["max_abs_err"].max() < TOL_FLOAT32_GRADS
     assert metrics["loss.wall_s"] == stored["loss.wall_s"]
+    speed = pd.read_csv(run_dir / "bench_speed.csv")
+    assert list(speed["setting"]) == ["batch_members=1", "batch_members=2", "per member", "batched (2 per pass)",
+                                      "plain", "channels_last", "compile"]
+    assert (speed["wall_s"] > 0).all() and (speed["speedup"] > 0).all()
