@@ -9,7 +9,6 @@ retrain as ``test_acc_at_0`` = ``random.test_acc_at_0``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -43,7 +42,7 @@ def _curves(task: InfluenceTask, scores: torch.Tensor, opts: PruneConfig, recipe
     for frac in opts.fractions:
         pct = pct_label(frac)
         out[f"test_acc_at_{pct}"] = _pruned_acc(task, prune_rows(scores, frac, task.seed), recipe, f"retrain (-{pct}%)")
-        what = {"job": "prune_random", "fraction": float(frac), "recipe": asdict(recipe)}
+        what = {"job": "prune_random", "fraction": float(frac), "recipe": recipe.cache_spec()}
         out[f"random.test_acc_at_{pct}"] = cached_value(task, what, lambda frac=frac, pct=pct: _pruned_acc(
             task, random_prune_rows(n, frac, task.seed), recipe, f"retrain (random -{pct}%)"))
     return out

@@ -9,7 +9,6 @@ fresh model from theta*'s initialization is retrained with the same recipe. Reco
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -37,7 +36,7 @@ def _relabel_acc(opts: RelabelConfig, run_: TaskRun, flags, recipe: TrainConfig)
         return retrain_test_acc(task, data, recipe, task.test, f"retrain ({opts.mode})")
 
     if opts.mode in METHOD_FREE_MODES:
-        return cached_value(task, {"job": f"relabel_{opts.mode}", "recipe": asdict(recipe)}, compute)
+        return cached_value(task, {"job": f"relabel_{opts.mode}", "recipe": recipe.cache_spec()}, compute)
     return compute()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -457,7 +457,7 @@ def cached_value(task: InfluenceTask, what: dict[str, Any], compute: Callable[[]
 
 def unchanged_test_acc(task: InfluenceTask, recipe: TrainConfig, test: LabeledData, test_name: str) -> float:
     """Accuracy on ``test`` of a retrain on the unchanged training set (cached; independent of the method)."""
-    what = {"job": "retrain_unchanged", "recipe": asdict(recipe), "test": test_name}
+    what = {"job": "retrain_unchanged", "recipe": recipe.cache_spec(), "test": test_name}
     return cached_value(task, what, lambda: retrain_test_acc(task, task.train, recipe, test, "retrain (unchanged)"))
 
 

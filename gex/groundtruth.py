@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -110,7 +110,7 @@ class SGDRetrainer:
         self.task, self.recipe, self.exact_bn = task, recipe, bool(exact_bn)
 
     def spec(self) -> dict[str, Any]:
-        return {"pretrain": self.task.cache_spec, "recipe": asdict(self.recipe), "exact_bn": self.exact_bn,
+        return {"pretrain": self.task.cache_spec, "recipe": self.recipe.cache_spec(), "exact_bn": self.exact_bn,
                 "loss": self.task.loss, "order": "full_permutation_filtered"}
 
     def train_model(self, rows: Tensor, seed: int) -> torch.nn.Module:

@@ -30,7 +30,7 @@ def pretrain_spec(data: DataConfig, noise: NoiseConfig, model: ModelConfig, reci
     """The config parts that determine a pretrained checkpoint (paths and download switches excluded)."""
     data_part = {k: v for k, v in asdict(data).items() if k not in ("root", "download")}
     noise_part = asdict(noise) | {"seed": noise.seed if noise.seed is not None else seed}
-    return {"data": data_part, "noise": noise_part, "model": asdict(model), "train": asdict(recipe), "seed": seed}
+    return {"data": data_part, "noise": noise_part, "model": asdict(model), "train": recipe.cache_spec(), "seed": seed}
 
 
 def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn) -> dict[str, Any]:
