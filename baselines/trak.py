@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData, iter_batches
+from gex.distributed import gather_rows, shard_rows
 from gex.influence import model_state, num_params
 from gex.projection import GaussianProjector, using_state
 from gex.train import clone_model
@@ -157,13 +158,17 @@ class TRAK(Attributor):
 
     def _project(self, model: nn.Module, data: LabeledData, projector: GaussianProjector,
                  task: InfluenceTask) -> tuple[Tensor, Tensor]:
-        phi, q = [], []
-        total = -(-len(data) // self.chunk_size)
-        for batch in progress(iter_batches(data, self.chunk_size, device=task.device), "trak grads", total):
+        # under torchrun each rank projects its block of rows; the blocks are gathered to every rank in data order
+        rows = shard_rows(len(data))
+        mine = data if len(rows) == len(data) else data.subset(rows)
+        dtype = next(model.parameters()).dtype  # a rank without rows still sends the right shape and dtype
+        phi, q = [torch.empty(0, projector.dim, dtype=dtype)], [torch.empty(0, dtype=dtype)]
+        total = -(-len(mine) // self.chunk_size)
+        for batch in progress(iter_batches(mine, self.chunk_size, device=task.device), "trak grads", total):
             phi.append(projector.project(margin_grads(model, batch.x, batch.y, task.loss)).cpu())
             with torch.no_grad():
                 q.append((1 - correct_probability(model(batch.x), batch.y, task.loss)).cpu())
-        return torch.cat(phi), torch.cat(q)
+        return gather_rows(torch.cat(phi), all_ranks=True), gather_rows(torch.cat(q), all_ranks=True)
 
     def self_influence(self, data: LabeledData) -> Tensor:
         """``mean_c Q_c(z_i) * mean_c phi_ci^T K_c phi_ci``, shape ``(n,)``, >= 0; higher = more influential."""

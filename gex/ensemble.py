@@ -36,12 +36,13 @@ from typing import Any, Callable, Iterator
 from torch import Tensor
 
 from gex.attribution import InfluenceTask
+from gex.distributed import barrier, world_info
 from gex.runs import atomic_save, load_artifact
 from gex.train import (TrainConfig, batch_stream, clone_model, sgd_steps, snapshot, speed_of, stack_states,
                        stacked_sgd_steps, stacked_update_bn, unstack_state, update_bn)
 
 __all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "run_cycles", "cycle_recipe",
-           "member_start", "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
+           "member_start", "member_chain", "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class EnsembleConfig:
     def member_spec(self) -> dict[str, Any]:
         """The fields that determine member i (all but ``num_members`` and ``batch_members``), for the cache key."""
         return {k: v for k, v in asdict(self).items() if k not in ("num_members", "batch_members")}
+
+
+def member_chain(cfg: EnsembleConfig, index: int) -> int:
+    """The chain member ``index`` belongs to (with ``members="independent"`` every member is its own chain)."""
+    return index if cfg.members == "independent" else index % cfg.num_chains
 
 
 def member_start(cfg: EnsembleConfig, index: int) -> int | None:
@@ -262,7 +268,9 @@ def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
 
     Finished members found in ``task.cache`` are reused (a log line says how many); a missing member is trained
     from its start state (theta* or the saved member it continues), so an interrupted build resumes where it
-    stopped and gives the same members as an uninterrupted one.
+    stopped and gives the same members as an uninterrupted one. Under a process group of world size > 1
+    (``torchrun``) with a cache every rank sees, chain c is trained by rank ``c % world_size`` and the ranks meet
+    at a barrier before loading the ensemble (without a cache every rank trains every member).
 
     Args:
         task: the pretrained task; ``task.cache`` (None = in memory) holds one file per member.
@@ -280,6 +288,10 @@ def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
     theta_star = snapshot(task.model)
     pending = [i for i in range(cfg.num_members) if not store.has(i)]
     trained = len(pending)
+    info = world_info()
+    sharded = info.world_size > 1 and store.folder is not None
+    if sharded:  # under torchrun with a shared cache: this rank trains its chains only (a chain never crosses ranks)
+        pending = [i for i in pending if member_chain(cfg, i) % info.world_size == info.rank]
     while pending:
         group = _next_group(cfg, store, pending)
         starts = [theta_star if member_start(cfg, i) is None else store.get(member_start(cfg, i)) for i in group]
@@ -290,6 +302,8 @@ def build_ensemble(task: InfluenceTask, cfg: EnsembleConfig,
             store.put(index, state)
             pending.remove(index)
         log.info("ensemble members %s of %d trained in %.1fs", group, cfg.num_members, time.perf_counter() - begin)
+    if sharded:
+        barrier()  # every rank's members are in the cache now
     ensemble = store.ensemble(cfg.num_members)
     if trained < cfg.num_members:
         log.info("ensemble: reused %d of %d finished members from %s", cfg.num_members - trained,

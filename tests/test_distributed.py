@@ -1,8 +1,10 @@
 """Scale-out: two gloo ranks on the CPU each stream their block of per-sample gradients, and the gathered norms and
 projections equal the single-process ones; the per-sample-gradient methods (grad_dot, randproj, tracin, tracin_rp)
-score the same under 2 ranks as in one process, each rank streaming only its block; ``torchrun`` runs of
+score the same under 2 ranks as in one process, each rank streaming only its block; GEX's chains split over
+the ranks; ``torchrun`` runs of
 ``experiments.detect`` write one run record equal to the single-process one; the helpers are no-ops without a
 process group."""
+import dataclasses
 import json
 import os
 import socket
@@ -82,7 +84,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cache_root: str, bun
         assert info == DistInfo(rank, world, rank)
         _primitives_on_rank(rank, world, Path(out_dir) / "primitives.pt")
         _ordering_on_rank(info, Path(out_dir) / "rank0_was_first")
-        _methods_on_rank(Path(out_dir) / f"methods{rank}.pt", _tiny_task(cache_root, bundle))
+        task = _tiny_task(cache_root, bundle)
+        _methods_on_rank(Path(out_dir) / f"methods{rank}.pt", task)
+        _gex_on_rank(Path(out_dir) / f"gex{rank}.pt", task)
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +176,14 @@ def _method_scores(task) -> dict[str, torch.Tensor]:
     from baselines.randproj import RandProj
     from baselines.tracin import TracIn
     from baselines.tracin_rp import TracInRP
+    from baselines.trak import TRAK
     train, test = task.train, task.test
     grad_dot = GradDot(chunk_size=METHOD_CHUNK).fit(task)
     return {"grad_dot": grad_dot.self_influence(train), "grad_dot_cross": grad_dot.influence(train, test),
             "randproj": RandProj(dim=6, chunk_size=METHOD_CHUNK).fit(task).self_influence(train),
             "tracin": TracIn(chunk_size=METHOD_CHUNK).fit(task).self_influence(train),
-            "tracin_rp": TracInRP(dim=6, chunk_size=METHOD_CHUNK).fit(task).self_influence(train)}
+            "tracin_rp": TracInRP(dim=6, chunk_size=METHOD_CHUNK).fit(task).self_influence(train),
+            "trak": TRAK(proj_dim=6, chunk_size=METHOD_CHUNK).fit(task).self_influence(train)}
 
 
 def _count_streamed_rows(seen: list[torch.Tensor]) -> None:
@@ -210,6 +216,26 @@ def _methods_on_rank(out: Path, task) -> None:
     torch.save(scores | {"streamed": torch.cat(seen).unique()}, out)
 
 
+GEX_OPTIONS = {"num_members": 4, "num_chains": 2, "ft_step": 3, "ft_batch_size": 16, "bn_batches": 2}
+
+
+def _gex_scores(task) -> torch.Tensor:
+    from gex.gex import GEX
+    return GEX(**GEX_OPTIONS).fit(task).self_influence(task.train)
+
+
+def _gex_on_rank(out: Path, task) -> None:
+    """GEX with 2 chains: with the shared cache each rank trains its own chain; record which members it trained."""
+    from gex import ensemble
+    trained, plain = [], ensemble.run_cycle
+
+    def recording(task, cfg, start, index, on_step=None):
+        trained.append(index)
+        return plain(task, cfg, start, index, on_step)
+    ensemble.run_cycle = recording
+    torch.save({"scores": _gex_scores(task), "trained": torch.tensor(trained)}, out)
+
+
 def test_ranks_run_main_first_in_order(two_ranks):
     assert (two_ranks[0] / "rank0_was_first").read_text() == "0"  # the asserts inside the ranks did the rest
 
@@ -225,6 +251,18 @@ def test_methods_under_two_gloo_ranks_equal_one_process(two_ranks):
         assert torch.equal(got[1][key], got[0][key]), key      # all_ranks gather: bitwise the same on every rank
         torch.testing.assert_close(got[0][key], want, rtol=TOL_FLOAT32, atol=TOL_FLOAT32 * want.abs().max())
         assert got[0][key].shape == want.shape and want.abs().max() > 0
+
+
+def test_gex_chains_split_over_two_ranks_equal_one_process(two_ranks):
+    """Chain c is trained by rank c % 2 only (members 0, 2 on rank 0; 1, 3 on rank 1); both ranks then score
+    with all four members, as one process does with its own members (in memory: no cache is shared with it)."""
+    out, task = two_ranks
+    got = [torch.load(out / f"gex{r}.pt") for r in range(2)]
+    assert got[0]["trained"].tolist() == [0, 2] and got[1]["trained"].tolist() == [1, 3]
+    ref = _gex_scores(dataclasses.replace(task, cache=None))
+    for rank in range(2):
+        torch.testing.assert_close(got[rank]["scores"], ref, rtol=TOL_FLOAT32, atol=TOL_FLOAT32 * ref.abs().max())
+    assert ref.abs().max() > 0
 
 
 def test_one_process_is_the_plain_loop_bitwise(two_ranks):
