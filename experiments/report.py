@@ -210,9 +210,14 @@ def _check_versions(records: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def _varying(records: list[dict], keep: Any) -> list[str]:
-    """Config keys (selected by ``keep(key)``) whose value differs between ``records``."""
+    """Config keys (selected by ``keep(key)``) whose value differs between the ``records`` that have them.
+
+    A key missing from a record is a config field added after that run: new fields default to the old behaviour,
+    so a run without the key does not make it vary (otherwise every older run would form a setting of its own).
+    """
     keys = sorted({k for r in records for k in r["_config"] if keep(k)})
-    return [k for k in keys if len({json.dumps(r["_config"].get(k), default=str) for r in records}) > 1]
+    values = lambda k: {json.dumps(r["_config"][k], default=str) for r in records if k in r["_config"]}  # noqa: E731
+    return [k for k in keys if len(values(k)) > 1]
 
 
 def _label(records: list[dict]) -> None:

@@ -229,6 +229,21 @@ def test_method_variants_are_not_averaged(tmp_path: Path):
     assert set(frame["setting"]) == {"digits symmetric 0.1"}
 
 
+def test_a_config_field_added_later_does_not_split_older_runs(tmp_path: Path):
+    """Runs made before a field existed (no key) pool with newer runs that have it; differing values still split."""
+    write_run(tmp_path, "old", task="detect", method="gex", seed=0, metrics={"auroc": 0.9, "ap": 0.5})
+    write_run(tmp_path, "new", task="detect", method="gex", seed=1, metrics={"auroc": 0.8, "ap": 0.5},
+              method_opts={"batch_members": 1}, config={"train": {"epochs": 30, "compile": False}})
+    frame, _ = report.load_runs(tmp_path)
+    assert set(frame["setting"]) == {"digits symmetric 0.1"} and set(frame["variant"]) == {"gex"}
+    write_run(tmp_path, "newer", task="detect", method="gex", seed=2, metrics={"auroc": 0.7, "ap": 0.5},
+              method_opts={"batch_members": 4}, config={"train": {"epochs": 30, "compile": True}})
+    frame, _ = report.load_runs(tmp_path)
+    assert sorted(set(frame["setting"])) == ["digits symmetric 0.1 train.compile=False",
+                                             "digits symmetric 0.1 train.compile=None",
+                                             "digits symmetric 0.1 train.compile=True"]
+
+
 def test_write_report_every_format(tree: Path, tmp_path: Path):
     frame, problems = report.load_runs(tree)
     out = tmp_path / "out"
