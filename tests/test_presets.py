@@ -125,3 +125,17 @@ def test_smoke_detect_logs_to_a_wandb_offline_run(tmp_path):
     assert 0.0 <= metrics["auroc"] <= 1.0
     runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_demo_methods_are_registered_and_configured():
+    """`make demo`'s method list names real methods, each with its configs/method/<name>.yaml."""
+    import re
+
+    import baselines  # noqa: F401  (registers every baseline)
+    import gex.gex  # noqa: F401  (registers the GEX family)
+    from gex.attribution import METHODS
+    line = re.search(r"^DEMO_METHODS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    names = line.group(1).split(",")
+    assert len(names) >= 10 and "gex" in names and "loss" in names
+    for name in names:
+        assert name in METHODS and (ROOT / "configs" / "method" / f"{name}.yaml").is_file(), name
