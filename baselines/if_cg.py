@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.ihvp import check_curvature, conjugate_gradient, curvature_matvec
+from gex.ihvp import check_curvature, check_hvp_mode, conjugate_gradient, curvature_matvec
 from gex.projection import gradient_cross_products, gradient_self_products
 
 __all__ = ["IFCG"]
@@ -32,11 +32,16 @@ class IFCG(Attributor):
         chunk_size: right-hand sides (samples) per block solve; does not change the scores.
         batch_size: training samples per forward pass of a product.
         vec_chunk: right-hand sides per ``vmap`` call inside a product (memory bound); None = the whole block.
+        hvp_mode: how Hessian products are formed (``gex.ihvp.HVP_MODES``; the same scores up to round-off):
+            ``rev-rev`` (dattri's default; on CPU ~2x faster on BN MLPs, on cnn_small within -8%..+18% and ~30%
+            less memory) or ``fwd-rev``.
     """
 
     def __init__(self, damping: float = 0.1, curvature: str = "hessian", tol: float = 1e-6, max_iter: int = 200,
-                 chunk_size: int = 256, batch_size: int = 1024, vec_chunk: int | None = None):
+                 chunk_size: int = 256, batch_size: int = 1024, vec_chunk: int | None = None,
+                 hvp_mode: str = "rev-rev"):
         check_curvature(curvature, "if_cg.curvature")
+        check_hvp_mode(hvp_mode, "if_cg.hvp_mode")
         if damping < 0 or tol <= 0:
             raise MethodError(f"if_cg needs damping >= 0 and tol > 0, got damping={damping}, tol={tol}")
         for key, value in (("max_iter", max_iter), ("chunk_size", chunk_size), ("batch_size", batch_size),
@@ -44,14 +49,14 @@ class IFCG(Attributor):
             if value < 1:
                 raise MethodError(f"if_cg.{key} must be >= 1, got {value}")
         self.damping, self.curvature, self.tol, self.max_iter = damping, curvature, tol, max_iter
-        self.chunk_size, self.batch_size, self.vec_chunk = chunk_size, batch_size, vec_chunk
+        self.chunk_size, self.batch_size, self.vec_chunk, self.hvp_mode = chunk_size, batch_size, vec_chunk, hvp_mode
         self.last_info_: dict = {}
 
     def fit(self, task: InfluenceTask) -> "IFCG":
         """Nothing to precompute: the curvature is used only through products with the training set."""
         super().fit(task)
         self._matvec = curvature_matvec(task.model, task.train, task.loss, self.curvature, self.damping,
-                                        self.batch_size, self.vec_chunk)
+                                        self.batch_size, self.vec_chunk, self.hvp_mode)
         return self
 
     def solve(self, grads: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gex.attribution import Attributor, MethodError, register
 from gex.data import LabeledData
-from gex.ihvp import check_curvature, curvature_block, curvature_matvec, lissa_recursion
+from gex.ihvp import check_curvature, check_hvp_mode, curvature_block, curvature_matvec, lissa_recursion
 from gex.projection import gradient_cross_products, gradient_self_products
 from gex.train import batch_stream
 
@@ -45,12 +45,16 @@ class LiSSA(Attributor):
         seed: fixes the mini-batch sequence; None = the task's run seed.
         chunk_size: right-hand sides (samples) per block recursion; does not change the scores.
         vec_chunk: right-hand sides per ``vmap`` call inside a product; None = the whole block.
+        hvp_mode: how Hessian products are formed (``gex.ihvp.HVP_MODES``; the same scores up to round-off):
+            ``rev-rev`` (dattri's default; ~2x faster on BN MLPs on CPU) or ``fwd-rev``.
     """
 
     def __init__(self, depth: int = 50, scale: float = 10.0, damping: float = 0.0, repeats: int = 1,
                  batch_size: int | None = 128, augment: bool = False, curvature: str = "hessian",
-                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | None = None):
+                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | None = None,
+                 hvp_mode: str = "rev-rev"):
         check_curvature(curvature, "lissa.curvature")
+        check_hvp_mode(hvp_mode, "lissa.hvp_mode")
         if scale <= 0 or not 0 <= damping < 1:
             raise MethodError(f"lissa needs scale > 0 and 0 <= damping < 1, got scale={scale}, damping={damping}")
         for key, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size or 1),
@@ -59,20 +63,22 @@ class LiSSA(Attributor):
                 raise MethodError(f"lissa.{key} must be >= 1, got {value}")
         self.depth, self.scale, self.damping, self.repeats = depth, scale, damping, repeats
         self.batch_size, self.augment, self.curvature, self.seed = batch_size, augment, curvature, seed
-        self.chunk_size, self.vec_chunk = chunk_size, vec_chunk
+        self.chunk_size, self.vec_chunk, self.hvp_mode = chunk_size, vec_chunk, hvp_mode
 
     def _products(self, repeat: int) -> Iterator:
         """Per-step curvature products: the full set, or the seeded mini-batch stream of ``repeat``."""
         task = self._require_fit()
         model, loss = task.model, task.loss
         if self.batch_size is None:
-            full = curvature_matvec(model, task.train, loss, self.curvature, vec_chunk=self.vec_chunk)
+            full = curvature_matvec(model, task.train, loss, self.curvature, vec_chunk=self.vec_chunk,
+                                    mode=self.hvp_mode)
             while True:
                 yield full
         seed = task.seed if self.seed is None else self.seed
         gen = torch.Generator().manual_seed(seed * 1_000_003 + repeat)
         for batch in batch_stream(task.train, self.batch_size, self.augment, gen, task.device):
-            yield lambda v, b=batch: curvature_block(model, b.x, b.y, v, loss, self.curvature, self.vec_chunk)
+            yield lambda v, b=batch: curvature_block(model, b.x, b.y, v, loss, self.curvature, self.vec_chunk,
+                                                     self.hvp_mode)
 
     def solve(self, grads: Tensor) -> Tensor:
         """``(b, P)`` rows ``g`` -> rows ``h(g)``, the mean over repeats."""

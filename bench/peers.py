@@ -5,9 +5,11 @@
 Pairs: ``tracin`` vs captum ``TracInCP``; ``if_cg`` / ``lissa`` / ``arnoldi`` / ``trak`` vs dattri's
 ``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi`` / ``TRAKAttributor``; ``ekfac`` vs kronfluence's
 EK-FAC. The tiny model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory
-checkpoints), small enough for every peer's default path. Each side is timed once from construction to the
-scores (our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) after a warm-up of both;
-``peer_time_ratio`` = peer seconds / ours (above 1: the peer is slower). Options are matched where the libraries
+checkpoints), small enough for every peer's default path. Each side is timed from construction to the scores
+(our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) over ``repeats`` rounds that alternate
+ours and the peer's after an untimed warm-up of both (``experiments.bench.alternate``): ``ours_s`` and ``peer_s`` are
+medians, ``peer_time_ratio`` = peer median / ours (above 1: the peer is slower), ``peer_time_ratio_min`` / ``_max``
+the range of the per-round ratios (drift of the machine's load shows there). Options are matched where the libraries
 expose them (damping, iterations, projection size, checkpoint weights); stochastic ones (LiSSA batches, random
 projections, sampled Fisher labels) use each side's own random streams, so Spearman < 1 there is expected. A
 missing peer or method, or a peer that fails, gives a row with a ``status`` instead of numbers.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import statistics
 import tempfile
 import time
 import warnings
@@ -43,7 +46,9 @@ TINY_EPOCHS = 20
 # below -0.1, where conjugate gradients (ours and dattri's) need a positive-definite damped curvature.
 # dattri's CG returns NaN for many samples once it runs past convergence (seen at 40 and 200 iterations), so both
 # sides stop at dattri's default of 10 iterations (ours then warns that it stopped before its tolerance).
-PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}}
+# TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
+# mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
+PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128}}
 
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
@@ -206,10 +211,13 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
     return time.perf_counter() - start, torch.as_tensor(out).detach().reshape(-1).double().cpu()
 
 
-def _pair(task: InfluenceTask, name: str, options: dict[str, Any]) -> dict[str, Any]:
+def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores."""
     from scipy.stats import spearmanr
+
+    from experiments.bench import alternate, median_ratios
     label, module, adapter = PAIRS[name]
-    row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train)}
+    row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train), "repeats": repeats}
     if name not in METHODS:
         return row | {"status": f"skipped: our {name} is not registered"}
     try:
@@ -217,37 +225,46 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any]) -> dict[str, 
     except ImportError:
         return row | {"status": f"skipped: {module} is not installed (pip install '.[peers]')"}
     peer = adapter(options)
-    try:
-        for _ in range(2):  # the first round warms both up (imports, kernels); the second is timed
-            ours_s, ours = _timed(lambda: _ours(task, name, options))
-            peer_s, theirs = _timed(lambda: peer(task))
+    try:  # an untimed warm-up of both (imports, kernels), then ours and the peer's in turn
+        runs = alternate({"ours": lambda: _ours(task, name, options), "peer": lambda: peer(task)}, repeats, _timed)
     except Exception as err:  # noqa: BLE001 - a failing peer is reported, the others go on
         return row | {"status": f"error: {type(err).__name__}: {err}".splitlines()[0][:300]}
+    ours, theirs = runs["ours"][-1][1], runs["peer"][-1][1]
     if theirs.shape != ours.shape:
         return row | {"status": f"error: peer returned {tuple(theirs.shape)} scores for {len(ours)} samples"}
     bad = int((~torch.isfinite(theirs)).sum() + (~torch.isfinite(ours)).sum())
     if bad:
         return row | {"status": f"error: {bad} non-finite scores (ours and peer's together)"}
-    return row | {"status": "ok", "ours_s": ours_s, "peer_s": peer_s, "peer_time_ratio": peer_s / ours_s,
-                  "peer_spearman": float(spearmanr(ours.numpy(), theirs.numpy())[0])}
+    ratio = median_ratios({k: [r[0] for r in v] for k, v in runs.items()}, "peer")["ours"]
+    return row | {"status": "ok", "ours_s": statistics.median(r[0] for r in runs["ours"]),
+                  "peer_s": statistics.median(r[0] for r in runs["peer"]), "peer_time_ratio": ratio["ratio"],
+                  "peer_spearman": float(spearmanr(ours.numpy(), theirs.numpy())[0]),
+                  "peer_time_ratio_min": ratio["ratio_min"], "peer_time_ratio_max": ratio["ratio_max"]}
 
 
-def peer_table(n: int, seed: int = 0, device: str = "cpu",
-               method_options: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
-    """One row per pair in ``PAIRS`` on ``tiny_task(n)``: times, ``peer_time_ratio``, ``peer_spearman``, status.
+def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[str, dict[str, Any]] | None = None,
+               repeats: int = 3) -> pd.DataFrame:
+    """One row per pair in ``PAIRS`` on ``tiny_task(n)``: median times, ``peer_time_ratio`` (and its per-round
+    range), ``peer_spearman``, status.
 
     Args:
         n: training samples of the tiny task.
         seed: its seed.
         device: where both sides run.
         method_options: per-method overrides on top of ``configs/method/<name>.yaml``.
+        repeats: timed rounds per pair, ours and the peer alternating.
+
+    Raises:
+        ValueError: ``repeats < 1``.
     """
+    if repeats < 1:
+        raise ValueError(f"peer_table: repeats={repeats} must be a positive integer (bench.peer_repeats, --repeats)")
     from experiments.bench import method_options as load_options
     from experiments.tasks import register_methods
     register_methods()
     task = tiny_task(n, seed, device)
     overrides = method_options or {}
-    rows = [_pair(task, name, load_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})))
+    rows = [_pair(task, name, load_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})), repeats)
             for name in PAIRS]
     return pd.DataFrame(rows)
 
@@ -260,7 +277,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pair (ours and peer alternating)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from experiments.bench import markdown_table
-    print(markdown_table(peer_table(args.n)))
+    print(markdown_table(peer_table(args.n, repeats=args.repeats)))

@@ -56,8 +56,8 @@ from gex.runs import ArtifactCache, atomic_write_text
 from gex.train import batch_stream, clone_model, lr_at
 from gex.utils import peak_mem_mb, seed_everything
 
-__all__ = ["BenchConfig", "GRAD_PATHS", "compare_grad_paths", "freeze_norm_layers", "opacus_grads", "gex_floor",
-           "time_method", "speed_table", "run", "main"]
+__all__ = ["BenchConfig", "GRAD_PATHS", "alternate", "median_ratios", "compare_grad_paths", "freeze_norm_layers",
+           "opacus_grads", "gex_floor", "time_method", "speed_table", "run", "main"]
 
 log = logging.getLogger("gex")
 
@@ -90,11 +90,13 @@ class BenchConfig:
         floor: time GEX's bare-compute floor.
         peers: compare with installed peer libraries (captum, dattri, kronfluence).
         peer_n: training samples of the peer comparison (test samples: half of it).
+        peer_repeats: timed rounds of each peer pair, ours and the peer alternating (medians reported).
         method_options: per-method option overrides on top of ``configs/method/<name>.yaml``.
         member_batches: ``batch_members`` values of the speed table (``speed_table``); [] skips the table.
         speed_members: M of the speed table's ensemble builds and evaluations.
         speed_steps: SGD steps of each timed build (``speed_steps // speed_members`` per member) and of each
             channels_last / compile timing.
+        speed_repeats: timed rounds of each speed-table group, its settings alternating (medians reported).
     """
 
     methods: list[str] = field(default_factory=lambda: ["gex", "loss", "el2n", "tracin_rp", "randproj", "grad_dot",
@@ -113,14 +115,16 @@ class BenchConfig:
     floor: bool = True
     peers: bool = False
     peer_n: int = 200
+    peer_repeats: int = 3
     method_options: dict[str, Any] = field(default_factory=dict)
     member_batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     speed_members: int = 4
     speed_steps: int = 200
+    speed_repeats: int = 3
 
     def __post_init__(self) -> None:
-        for key in ("n_train", "repeats", "sweep_repeats", "grad_n", "grad_chunk", "peer_n", "speed_members",
-                    "speed_steps"):
+        for key in ("n_train", "repeats", "sweep_repeats", "grad_n", "grad_chunk", "peer_n", "peer_repeats",
+                    "speed_members", "speed_steps", "speed_repeats"):
             if getattr(self, key) < 1:
                 raise UsageError(f"bench.{key}={getattr(self, key)} must be a positive integer")
         if any(n < 1 for n in self.sweep_n):
@@ -487,23 +491,85 @@ def grad_path_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
+# ------------------------------------------------------------------------------------- alternating timing
+
+Timer = Callable[[Callable[[], Any]], tuple]  # runs one call; its result's first item is the seconds
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, timer: Timer,
+              warmups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[tuple]]:
+    """Time the functions of a comparison in alternation (A, B, A, B, ...) so that drifting load hits them alike.
+
+    Timing each setting once, one after the other, turns a load change between them into a fake ratio (the
+    reference run's channels_last 1.67x was 1.00-1.02x in an alternating check).
+
+    Args:
+        fns: name -> work, in the order called within each round.
+        repeats: timed rounds (each calls every function once).
+        timer: times one call, e.g. ``lambda fn: _timed(fn, device)``.
+        warmups: untimed calls made first, in order (compilation, first vmap, allocator); None = each of ``fns``
+            once; {} = none.
+
+    Returns:
+        name -> the timer's results, one per round, in round order.
+
+    Raises:
+        ValueError: ``repeats < 1`` or no functions.
+    """
+    if repeats < 1 or not fns:
+        raise ValueError(f"alternate needs repeats >= 1 and at least one function, got repeats={repeats}, "
+                         f"functions={list(fns)}")
+    for warm in (fns if warmups is None else warmups).values():
+        warm()
+    out: dict[str, list[tuple]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].append(timer(fn))
+    return out
+
+
+def median_ratios(seconds: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Per name: the median seconds, ``ratio`` = base's median / this median (> 1: faster than ``base``), and the
+    min and max of the per-round ratios ``base_r / seconds_r`` (a wide range shows drift or noise).
+
+    Args:
+        seconds: name -> seconds per round (rounds aligned across names, as ``alternate`` gives them).
+        base: the reference name.
+    """
+    ref = seconds[base]
+    out = {}
+    for name, values in seconds.items():
+        rounds = [b / t for b, t in zip(ref, values)]
+        out[name] = {"median": statistics.median(values), "ratio": statistics.median(ref) / statistics.median(values),
+                     "ratio_min": min(rounds), "ratio_max": max(rounds)}
+    return out
+
+
 # ------------------------------------------------------------------------- batched members, speed switches
 
-def _speed_row(what: str, setting: str, timing: tuple[float, float, Any], base: tuple[float, float, Any] | None,
-               **extra: Any) -> dict[str, Any]:
-    wall, cpu = timing[0], timing[1]
-    ref = base if base is not None else timing
-    return {"what": what, "setting": setting, "wall_s": wall, "cpu_s": cpu, "speedup": ref[0] / wall,
-            "cpu_speedup": ref[1] / cpu} | extra
+def _speed_rows(what: str, fns: dict[str, Callable[[], Any]], opts: BenchConfig, device: torch.device,
+                warmups: dict[str, Callable[[], Any]] | None = None,
+                **extra: Any) -> tuple[list[dict[str, Any]], Any]:
+    """One alternating comparison of the speed table: rows with medians and ratios to the first setting, and the
+    first setting's output of its first timed round."""
+    runs = alternate(fns, opts.speed_repeats, lambda fn: _timed(fn, device), warmups)
+    base = next(iter(fns))
+    wall = median_ratios({k: [r[0] for r in v] for k, v in runs.items()}, base)
+    cpu = median_ratios({k: [r[1] for r in v] for k, v in runs.items()}, base)
+    rows = [{"what": what, "setting": k, "wall_s": wall[k]["median"], "cpu_s": cpu[k]["median"],
+             "speedup": wall[k]["ratio"], "cpu_speedup": cpu[k]["ratio"], "speedup_min": wall[k]["ratio_min"],
+             "speedup_max": wall[k]["ratio_max"], "repeats": opts.speed_repeats} | extra for k in fns]
+    return rows, runs[base][0][2]
 
 
-def _timed_steps(task: InfluenceTask, recipe, steps: int) -> tuple[float, float, Any]:
-    """``steps`` SGD steps of ``recipe`` from theta* (a warm-up step first: compilation is not timed)."""
+def _step_runner(task: InfluenceTask, recipe, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(warm-up, run): one and then ``steps`` SGD steps of ``recipe`` on a clone of theta* and its own stream; each
+    run continues from the last (the cost of a step does not depend on where it starts)."""
     from gex.train import sgd_steps
     model = clone_model(task.model)
     stream = batch_stream(task.train, recipe.batch_size, recipe.augment, task.generator(0x5BED), task.device)
-    sgd_steps(model, stream, 1, recipe, desc="speed warm-up")
-    return _timed(lambda: sgd_steps(model, stream, steps, recipe, desc="speed"), task.device)
+    return (lambda: sgd_steps(model, stream, 1, recipe, desc="speed warm-up"),
+            lambda: sgd_steps(model, stream, steps, recipe, desc="speed"))
 
 
 def speed_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
@@ -511,42 +577,36 @@ def speed_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
 
     On the bench's ``n_train`` subset with GEX's options: building ``speed_members`` independent members (so that
     k of them can train together) of ``speed_steps // speed_members`` steps with each ``batch_members`` of
-    ``member_batches`` (in memory); their
-    member losses one member per pass against all members in one vmapped pass; and ``speed_steps`` SGD steps of
-    a cycle's recipe with ``channels_last`` and ``compile`` on against off. ``speedup`` = baseline wall time / this
-    wall time (> 1 = faster); each setting runs once after an untimed warm-up (compilation, first vmap).
+    ``member_batches`` (in memory); their member losses one member per pass against all members in one vmapped
+    pass; and ``speed_steps`` SGD steps of a cycle's recipe with ``channels_last`` and ``compile`` on against off.
+    Each group is timed in alternation (``alternate``) over ``speed_repeats`` rounds after an untimed warm-up
+    (compilation, first vmap): ``wall_s`` / ``cpu_s`` are medians, ``speedup`` = the group's first setting's median
+    / this median (> 1 = faster), ``speedup_min`` / ``speedup_max`` the range of the per-round ratios.
     """
     from gex.ensemble import build_ensemble, cycle_recipe
     from gex.influence import losses_for_states, losses_for_states_batched
-    sub = subtask(task, opts.n_train, None)
+    sub, device = subtask(task, opts.n_train, None), task.device
     base_cfg = build_method("gex", **method_options("gex", opts.method_options.get("gex", {}))).config
     cfg = replace(base_cfg, num_members=opts.speed_members, ft_step=max(1, opts.speed_steps // opts.speed_members),
                   members="independent", num_chains=1)
-    rows, base, members = [], None, None
-    for k in opts.member_batches:
-        build = lambda k=k: list(build_ensemble(sub, replace(cfg, batch_members=k)))  # noqa: E731
-        build_ensemble(sub, replace(cfg, batch_members=k, ft_step=1, bn_batches=1))  # warm-up, untimed
-        timing = _timed(build, task.device)
-        base = base or timing
-        members = members or timing[2]
-        rows.append(_speed_row("build members", f"batch_members={k}", timing, base, n=len(sub.train),
-                               members=cfg.num_members, steps=cfg.num_members * cfg.ft_step))
-    if members is not None:
+    rows: list[dict[str, Any]] = []
+    if opts.member_batches:
+        builds = {f"batch_members={k}": lambda k=k: list(build_ensemble(sub, replace(cfg, batch_members=k)))
+                  for k in opts.member_batches}
+        warmups = {f"batch_members={k}": lambda k=k: build_ensemble(sub, replace(cfg, batch_members=k, ft_step=1,
+                                                                                 bn_batches=1))
+                   for k in opts.member_batches}
+        built, members = _speed_rows("build members", builds, opts, device, warmups, n=len(sub.train),
+                                     members=cfg.num_members, steps=cfg.num_members * cfg.ft_step)
         evals = {"per member": lambda: losses_for_states(sub.model, members, sub.train, sub.loss, EVAL_BATCH),
                  f"batched ({len(members)} per pass)": lambda: losses_for_states_batched(
                      sub.model, members, sub.train, sub.loss, EVAL_BATCH, len(members))}
-        base = None
-        for name, fn in evals.items():
-            fn()  # warm-up
-            timing = _timed(fn, task.device)
-            base = base or timing
-            rows.append(_speed_row("member losses", name, timing, base, n=len(sub.train), members=len(members)))
+        rows += built + _speed_rows("member losses", evals, opts, device, n=len(sub.train), members=len(members))[0]
     recipe = cycle_recipe(base_cfg, task.loss)
-    base = _timed_steps(sub, recipe, opts.speed_steps)
-    rows.append(_speed_row("sgd steps", "plain", base, None, n=len(sub.train), steps=opts.speed_steps))
-    for key in ("channels_last", "compile"):
-        timing = _timed_steps(sub, replace(recipe, **{key: True}), opts.speed_steps)
-        rows.append(_speed_row("sgd steps", key, timing, base, n=len(sub.train), steps=opts.speed_steps))
+    switches = {"plain": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True}}
+    runners = {key: _step_runner(sub, replace(recipe, **on), opts.speed_steps) for key, on in switches.items()}
+    rows += _speed_rows("sgd steps", {k: run for k, (_, run) in runners.items()}, opts, device,
+                        {k: warm for k, (warm, _) in runners.items()}, n=len(sub.train), steps=opts.speed_steps)[0]
     return pd.DataFrame(rows)
 
 
@@ -714,7 +774,7 @@ def _peer_table(task: InfluenceTask, opts: BenchConfig) -> pd.DataFrame:
     except ImportError as err:
         print(f"[bench] skipping peers: bench/peers.py cannot be imported ({err})")
         return pd.DataFrame(columns=["method", "peer", "status"])
-    return peer_table(opts.peer_n, task.seed, str(task.device), opts.method_options)
+    return peer_table(opts.peer_n, task.seed, str(task.device), opts.method_options, opts.peer_repeats)
 
 
 def _summary(run_dir: Path, sections: dict[str, str]) -> None:

@@ -3,7 +3,8 @@ curvature-vector products, conjugate gradients, the LiSSA recursion and Arnoldi 
 
 The curvature is that of the eval-mode (BN running statistics), un-augmented, weight-decay-free mean loss
 ``L(theta) = (1/N) sum_i l_i(theta)`` at the model's parameters (SPEC B2):
-- ``hessian``: ``d^2 L / d theta^2`` (forward-over-reverse products, as ``gex.influence.hvp``);
+- ``hessian``: ``d^2 L / d theta^2`` (forward-over-reverse products as ``gex.influence.hvp``, or reverse-over-reverse:
+  ``HVP_MODES``);
 - ``ggn``: the generalized Gauss-Newton ``(1/N) sum_i J_i^T H_out,i J_i`` (``J_i`` = d logits / d theta,
   ``H_out,i`` = Hessian of the loss in the logits), positive semi-definite for CE and BCE.
 
@@ -25,11 +26,18 @@ from gex.data import LabeledData, iter_batches
 from gex.influence import model_state, num_params, vector_to_params
 from gex.losses import per_sample_loss
 
-__all__ = ["CURVATURES", "check_curvature", "curvature_block", "curvature_matvec", "explicit_curvature",
-           "DampedInverse", "conjugate_gradient", "lissa_recursion", "arnoldi_iteration", "distill",
-           "top_eigenvalue"]
+__all__ = ["CURVATURES", "HVP_MODES", "check_curvature", "check_hvp_mode", "curvature_block", "curvature_matvec",
+           "explicit_curvature", "DampedInverse", "conjugate_gradient", "lissa_recursion", "arnoldi_iteration",
+           "distill", "top_eigenvalue"]
 
 CURVATURES = ("hessian", "ggn")
+# How a block of Hessian products is formed (the same numbers up to round-off):
+# - fwd-rev: forward-over-reverse, jvp of the gradient per vector; the primal forward and backward are redone in
+#   every product (within one vmap they are shared by its rows);
+# - rev-rev: reverse-over-reverse as dattri's default: the gradient's graph is built once per batch and each row is
+#   one backward through it. Measured on CPU: ~2x faster on BN MLPs; on cnn_small from 18% faster (64 samples x
+#   8 vectors) to 8% slower (128 x 16), with ~30% less memory.
+HVP_MODES = ("fwd-rev", "rev-rev")
 MatVec = Callable[[Tensor], Tensor]  # (k, P) -> (k, P)
 
 
@@ -39,12 +47,18 @@ def check_curvature(curvature: str, owner: str = "curvature") -> None:
         raise MethodError(f"{owner}={curvature!r} is unknown; valid choices: {list(CURVATURES)}")
 
 
+def check_hvp_mode(mode: str, owner: str = "mode") -> None:
+    """Raise a one-line MethodError naming ``owner`` when ``mode`` is not one of ``HVP_MODES``."""
+    if mode not in HVP_MODES:
+        raise MethodError(f"{owner}={mode!r} is unknown; valid choices: {list(HVP_MODES)}")
+
+
 def _flat(tree: dict[str, Tensor], names: list[str]) -> Tensor:
     return torch.cat([tree[n].reshape(-1) for n in names])
 
 
 def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, loss: str = "ce",
-                    curvature: str = "hessian", vec_chunk: int | None = None) -> Tensor:
+                    curvature: str = "hessian", vec_chunk: int | None = None, mode: str = "fwd-rev") -> Tensor:
     """Curvature of the batch-mean eval loss on ``(x, y)`` times each row of ``vectors``.
 
     Args:
@@ -55,18 +69,25 @@ def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, los
         loss: ``ce`` or ``bce``.
         curvature: ``hessian`` or ``ggn``.
         vec_chunk: rows per ``vmap`` call (bounds memory at ``vec_chunk`` x activations); None = all.
+        mode: how Hessian products are formed, one of ``HVP_MODES`` (the same numbers up to round-off; GGN
+            products always take ``J v`` forward and ``J^T`` backward).
 
     Returns:
         ``(k, P)`` products, one per row.
     """
     check_curvature(curvature)
+    check_hvp_mode(mode)
     model.eval()
     params, frozen = model_state(model)
     names = list(params)
     logits_fn = lambda p: functional_call(model, (p, frozen), (x,))  # noqa: E731
     if curvature == "hessian":
         grad_fn = grad(lambda p: per_sample_loss(logits_fn(p), y, loss).mean())
-        one = lambda v: _flat(jvp(grad_fn, (params,), (vector_to_params(model, v),))[1], names)  # noqa: E731
+        if mode == "rev-rev":  # H is symmetric: H v = (v^T H)^T, one backward through the gradient's graph
+            back = vjp(grad_fn, params)[1]
+            one = lambda v: _flat(back(vector_to_params(model, v))[0], names)  # noqa: E731
+        else:
+            one = lambda v: _flat(jvp(grad_fn, (params,), (vector_to_params(model, v),))[1], names)  # noqa: E731
     else:
         logits, vjp_fn = vjp(logits_fn, params)
         logits = logits.detach()
@@ -80,7 +101,8 @@ def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, los
 
 
 def curvature_matvec(model: nn.Module, data: LabeledData, loss: str = "ce", curvature: str = "hessian",
-                     damping: float = 0.0, batch_size: int = 1024, vec_chunk: int | None = None) -> MatVec:
+                     damping: float = 0.0, batch_size: int = 1024, vec_chunk: int | None = None,
+                     mode: str = "fwd-rev") -> MatVec:
     """Rows ``v`` -> rows ``(C + damping I) v``, ``C`` the curvature of the mean eval loss over all of ``data``.
 
     Args:
@@ -91,18 +113,21 @@ def curvature_matvec(model: nn.Module, data: LabeledData, loss: str = "ce", curv
         damping: added multiple of the identity.
         batch_size: samples per forward pass (does not change the result beyond round-off).
         vec_chunk: rows per ``vmap`` call.
+        mode: how Hessian products are formed, one of ``HVP_MODES`` (see ``curvature_block``).
 
     Returns:
-        A function mapping ``(k, P)`` to ``(k, P)``.
+        A function mapping ``(k, P)`` to ``(k, P)``; it reads the model's parameters at each call.
     """
     check_curvature(curvature)
+    check_hvp_mode(mode)
     device = next(model.parameters()).device
 
     def matvec(vectors: Tensor) -> Tensor:
         vectors = vectors.to(device)
         total = torch.zeros_like(vectors)
         for batch in iter_batches(data, batch_size, device=device):
-            total += curvature_block(model, batch.x, batch.y, vectors, loss, curvature, vec_chunk) * len(batch.rows)
+            block = curvature_block(model, batch.x, batch.y, vectors, loss, curvature, vec_chunk, mode)
+            total += block * len(batch.rows)
         return total / len(data) + damping * vectors
     return matvec
 

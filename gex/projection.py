@@ -66,9 +66,10 @@ class GaussianProjector:
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of V, ``(stop - start, P)`` on ``device``."""
         out = torch.empty(stop - start, self.num_params, dtype=self.dtype)
+        gen = torch.Generator()  # re-seeding one generator draws what a fresh one would, without its set-up cost
         for i, k in enumerate(range(start, stop)):
-            gen = torch.Generator().manual_seed((self.seed * _SEED_STRIDE + k) % 2**63)
-            out[i] = torch.randn(self.num_params, generator=gen, dtype=self.dtype)
+            gen.manual_seed((self.seed * _SEED_STRIDE + k) % 2**63)
+            torch.randn(self.num_params, generator=gen, dtype=self.dtype, out=out[i])  # in place: no temporary row
         return out.to(self.device)
 
     def blocks(self) -> Iterator[tuple[int, Tensor]]:
