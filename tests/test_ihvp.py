@@ -100,6 +100,20 @@ def test_conjugate_gradient_matches_the_dense_solve_row_by_row():
         conjugate_gradient(lambda v: -(v @ a), b)
 
 
+def test_conjugate_gradient_solves_rows_of_any_scale_and_zero_rows_in_float32():
+    # a sample fitted to ~1e-20 loss has a ~1e-20 gradient: unscaled, p^T A p underflows to 0 in float32 and reads
+    # as a non-positive curvature (seen on logistic regression, MNIST 5k)
+    a, _ = _spd()
+    a32 = a.float()
+    b = torch.randn(4, 30, dtype=torch.float64)
+    sizes = torch.tensor([1.0, 1e-22, 1e20, 0.0], dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: v @ a32, (b * sizes[:, None]).float(), tol=1e-5, max_iter=200)
+    exact = torch.linalg.solve(a, b.T).T
+    for row in range(3):
+        torch.testing.assert_close(x[row].double() / sizes[row], exact[row], rtol=1e-3, atol=1e-3)
+    assert torch.equal(x[3], torch.zeros(30)) and info["max_rel_residual"] <= 1e-5
+
+
 def test_lissa_recursion_converges_to_the_damped_inverse_and_flags_divergence():
     a, values = _spd(low=0.5, high=5.0)
     b = torch.randn(3, 30, dtype=torch.float64)
