@@ -6,17 +6,14 @@ un-augmented, no weight decay) at theta*; self-influence ``||g_z||^2``. Positive
 """
 from __future__ import annotations
 
-from torch import Tensor
-
-from gex.attribution import Attributor, MethodError, register
-from gex.data import LabeledData
-from gex.projection import gradient_cross_products, gradient_self_products
+from gex.attribution import MethodError, register
+from gex.projection import GradientBilinear
 
 __all__ = ["GradDot"]
 
 
 @register("grad_dot")
-class GradDot(Attributor):
+class GradDot(GradientBilinear):
     """Exact ``g(z) . g(z')`` at theta*.
 
     Args:
@@ -27,13 +24,3 @@ class GradDot(Attributor):
         if chunk_size < 1:
             raise MethodError(f"grad_dot.chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
-
-    def self_influence(self, data: LabeledData) -> Tensor:
-        """``||g_i||^2``, ``(n,)``."""
-        task = self._require_fit()
-        return gradient_self_products(task.model, data, task.loss, self.chunk_size)
-
-    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
-        """``g_train . g_test``, ``(n_train, n_test)``; positive = proponent."""
-        task = self._require_fit()
-        return gradient_cross_products(task.model, train, test, task.loss, self.chunk_size)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gex.attribution import Attributor, InfluenceTask, MethodError, register
-from gex.data import LabeledData
+from gex.attribution import InfluenceTask, MethodError, register
 from gex.ihvp import check_curvature, check_hvp_mode, conjugate_gradient, curvature_matvec
-from gex.projection import gradient_cross_products, gradient_self_products
+from gex.projection import GradientBilinear, Transform
 
 __all__ = ["IFCG"]
 
 
 @register("if_cg")
-class IFCG(Attributor):
+class IFCG(GradientBilinear):
     """``g^T (H + damping I)^-1 g`` by block conjugate gradients on Hessian- (or GGN-) vector products.
 
     Args:
@@ -65,15 +64,9 @@ class IFCG(Attributor):
         x, self.last_info_ = conjugate_gradient(self._matvec, grads, self.tol, self.max_iter)
         return x
 
-    def self_influence(self, data: LabeledData) -> Tensor:
-        """``g_i^T (H + damping I)^-1 g_i``, ``(n,)``."""
-        task = self._require_fit()
-        return gradient_self_products(task.model, data, task.loss, self.chunk_size, self.solve)
-
-    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
-        """``g_train^T (H + damping I)^-1 g_test``, ``(n_train, n_test)``; positive = proponent."""
-        task = self._require_fit()
-        return gradient_cross_products(task.model, train, test, task.loss, self.chunk_size, self.solve)
+    def transform(self) -> Transform:
+        """``T = (H + damping I)^-1`` by block CG: self-influence ``g_i^T T g_i``, pairwise ``g_train^T T g_test``."""
+        return self.solve
 
     def diagnostics(self) -> dict[str, float]:
         """Iterations and largest relative residual of the last block solve."""

@@ -10,18 +10,15 @@ It is the reference that ``if_cg``, ``lissa`` and ``arnoldi`` are checked agains
 """
 from __future__ import annotations
 
-from torch import Tensor
-
-from gex.attribution import Attributor, InfluenceTask, MethodError, register
-from gex.data import LabeledData
+from gex.attribution import InfluenceTask, MethodError, register
 from gex.ihvp import DampedInverse, check_curvature, explicit_curvature
-from gex.projection import gradient_cross_products, gradient_self_products
+from gex.projection import GradientBilinear, Transform
 
 __all__ = ["IFExact"]
 
 
 @register("if_exact")
-class IFExact(Attributor):
+class IFExact(GradientBilinear):
     """``g^T (H + damping I)^-1 g`` with the explicit curvature at theta*.
 
     Args:
@@ -53,12 +50,7 @@ class IFExact(Attributor):
         self.inverse_ = DampedInverse(matrix, self.damping)
         return self
 
-    def self_influence(self, data: LabeledData) -> Tensor:
-        """``g_i^T (H + damping I)^-1 g_i``, ``(n,)``; positive."""
-        task = self._require_fit()
-        return gradient_self_products(task.model, data, task.loss, self.chunk_size, self.inverse_.solve)
-
-    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
-        """``g_train^T (H + damping I)^-1 g_test``, ``(n_train, n_test)``; positive = proponent."""
-        task = self._require_fit()
-        return gradient_cross_products(task.model, train, test, task.loss, self.chunk_size, self.inverse_.solve)
+    def transform(self) -> Transform:
+        """``T = (H + damping I)^-1`` from the factored matrix (after ``fit``)."""
+        self._require_fit()
+        return self.inverse_.solve

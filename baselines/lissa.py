@@ -21,17 +21,16 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from gex.attribution import Attributor, MethodError, register
-from gex.data import LabeledData
+from gex.attribution import MethodError, register
 from gex.ihvp import check_curvature, check_hvp_mode, curvature_block, curvature_matvec, lissa_recursion
-from gex.projection import gradient_cross_products, gradient_self_products
+from gex.projection import GradientBilinear, Transform
 from gex.train import batch_stream
 
 __all__ = ["LiSSA"]
 
 
 @register("lissa")
-class LiSSA(Attributor):
+class LiSSA(GradientBilinear):
     """``g^T h(g)`` with ``h`` the LiSSA estimate of ``(H + scale * damping I)^-1 g``.
 
     Args:
@@ -87,12 +86,6 @@ class LiSSA(Attributor):
             total += lissa_recursion(grads, self._products(r), self.depth, self.scale, self.damping)
         return total / self.repeats
 
-    def self_influence(self, data: LabeledData) -> Tensor:
-        """``g_i . h(g_i)``, ``(n,)``."""
-        task = self._require_fit()
-        return gradient_self_products(task.model, data, task.loss, self.chunk_size, self.solve)
-
-    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
-        """``g_train . h(g_test)``, ``(n_train, n_test)``; positive = proponent."""
-        task = self._require_fit()
-        return gradient_cross_products(task.model, train, test, task.loss, self.chunk_size, self.solve)
+    def transform(self) -> Transform:
+        """``T = h``, the LiSSA estimate: self-influence ``g_i . h(g_i)``, pairwise ``g_train . h(g_test)``."""
+        return self.solve

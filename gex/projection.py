@@ -23,12 +23,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from gex.attribution import Attributor
 from gex.data import LabeledData
 from gex.distributed import gather_rows
 from gex.influence import iter_grad_chunks, num_params
 
 __all__ = ["GaussianProjector", "MatrixProjector", "reduce_grad_rows", "project_gradients", "project_trajectory",
-           "using_state", "gradient_self_products", "gradient_cross_products", "WEIGHTINGS", "trajectory_weights"]
+           "using_state", "gradient_self_products", "gradient_cross_products", "GradientBilinear", "WEIGHTINGS",
+           "trajectory_weights"]
 
 WEIGHTINGS = ("lr", "mean")
 Transform = Callable[[Tensor], Tensor]  # (b, P) -> (b, P), e.g. an inverse-curvature solve
@@ -229,3 +231,27 @@ def gradient_cross_products(model: nn.Module, train: LabeledData, test: LabeledD
         tg = gt if transform is None else transform(gt).to(gt)
         cols.append(reduce_grad_rows(model, train, lambda g, tg=tg: g @ tg.T, (len(tg),), loss, chunk_size, "train grads"))
     return torch.cat(cols, dim=1)
+
+
+class GradientBilinear(Attributor):
+    """Base of the methods scoring ``g_z . T(g_z')`` at theta* (``T`` = identity or an inverse-curvature solve).
+
+    A subclass sets ``chunk_size`` (samples per per-sample-gradient chunk) and overrides ``transform``; the streamed
+    self- and pairwise products are shared here. Positive pairwise influence = proponent.
+    """
+
+    chunk_size: int = 256
+
+    def transform(self) -> Transform | None:
+        """``T``: ``(b, P)`` gradient rows -> rows (after ``fit``); None = identity."""
+        return None
+
+    def self_influence(self, data: LabeledData) -> Tensor:
+        """``g_i . T(g_i)``, ``(n,)``."""
+        task = self._require_fit()
+        return gradient_self_products(task.model, data, task.loss, self.chunk_size, self.transform())
+
+    def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
+        """``g_train . T(g_test)``, ``(n_train, n_test)``; positive = proponent."""
+        task = self._require_fit()
+        return gradient_cross_products(task.model, train, test, task.loss, self.chunk_size, self.transform())
