@@ -239,6 +239,8 @@ def _label(records: list[dict]) -> None:
         for rec in recs:
             detail = ", ".join(f"{k.removeprefix('method.')}={rec['_config'].get(k)}" for k in extra)
             rec["variant"] = f"{rec['method']} ({detail})" if detail else rec["method"]
+            if rec["task"] == "relabel" and rec.get("relabel_mode") == "oracle":
+                rec["variant"] = "oracle"   # a retrain on the true labels: no method enters it
 
 
 def load_runs(paths: str | Path | Sequence[str | Path], exclude: Iterable[Path] = ()

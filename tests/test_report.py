@@ -229,6 +229,19 @@ def test_method_variants_are_not_averaged(tmp_path: Path):
     assert set(frame["setting"]) == {"digits symmetric 0.1"}
 
 
+def test_an_oracle_relabel_run_is_the_unranked_oracle_row(tmp_path: Path):
+    """``task.mode=oracle`` retrains on the true labels whatever the method: its row is ``oracle``, never bold."""
+    write_run(tmp_path, "gex", task="relabel", method="gex", seed=0,
+              metrics={"test_acc": 0.87, "test_acc_no_relabel": 0.86, "relabel_mode": "rdia"})
+    write_run(tmp_path, "oracle", task="relabel", method="loss", seed=0,
+              metrics={"test_acc": 0.90, "test_acc_no_relabel": 0.86, "relabel_mode": "oracle"})
+    frame, _ = report.load_runs(tmp_path)
+    assert sorted(frame["variant"]) == ["gex", "oracle"]
+    table = report.build_table(_stats(tmp_path), "relabel")
+    assert "oracle" in table.rows and not table.cells["oracle", "test_acc"].best
+    assert table.cells["gex", "test_acc"].best
+
+
 def test_a_config_field_added_later_does_not_split_older_runs(tmp_path: Path):
     """Runs made before a field existed (no key) pool with newer runs that have it; differing values still split."""
     write_run(tmp_path, "old", task="detect", method="gex", seed=0, metrics={"auroc": 0.9, "ap": 0.5})
