@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -17,7 +16,7 @@ from gex.attribution import InfluenceTask
 from gex.data import DataBundle, DataConfig, NoiseConfig
 from gex.models import ModelConfig
 from gex.runs import ArtifactCache
-from gex.train import Checkpoint, TrainConfig, eval_logits, train
+from gex.train import Checkpoint, ResumeFile, TrainConfig, eval_logits, train
 from gex.utils import resolve_device
 
 __all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics"]
@@ -33,20 +32,21 @@ def pretrain_spec(data: DataConfig, noise: NoiseConfig, model: ModelConfig, reci
     return {"data": data_part, "noise": noise_part, "model": asdict(model), "train": recipe.cache_spec(), "seed": seed}
 
 
-def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn) -> dict[str, Any]:
+def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume: ResumeFile | None) -> dict[str, Any]:
     model = model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=seed).to(device)
-    start = time.perf_counter()
-    result = train(model, bundle.train.to(device), recipe, seed=seed, device=device, log_fn=log_fn, desc="pretrain")
+    result = train(model, bundle.train.to(device), recipe, seed=seed, device=device, log_fn=log_fn, desc="pretrain",
+                   resume=resume)
     return {"state": {k: v.cpu() for k, v in model.state_dict().items()},
             "trajectory": [{"state": c.state, "step": c.step, "lr": c.lr} for c in result.trajectory],
             "forgetting": result.forgetting, "never_learned": result.never_learned,
-            "wall_s": time.perf_counter() - start}
+            "wall_s": result.wall_s}
 
 
 def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainConfig, *, seed: int,
                     data_cfg: DataConfig | None = None, noise_cfg: NoiseConfig | None = None,
                     device: torch.device | str = "auto", cache: ArtifactCache | None = None,
-                    log_fn: Callable[[dict[str, float]], None] | None = None) -> InfluenceTask:
+                    log_fn: Callable[[dict[str, float]], None] | None = None,
+                    resume_every_s: float = 300.0) -> InfluenceTask:
     """Train theta* (or load it from ``cache``) and return the task every method consumes.
 
     Args:
@@ -58,6 +58,8 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
         device: ``auto`` = CUDA when present.
         cache: artefact cache; None trains in memory.
         log_fn: per-epoch metrics sink.
+        resume_every_s: with ``cache``, the least seconds between two saves of training progress (at epoch ends),
+            from which an interrupted pretraining continues.
 
     Returns:
         InfluenceTask with theta*, the trajectory and the forgetting log.
@@ -67,9 +69,12 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
     record = cache.load("pretrain", spec, "checkpoint") if cache is not None else None
     reused = record is not None
     if record is None:
-        record = _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn)
+        # With a cache, an interrupted pretraining continues from its last epoch-end save (``train``'s resume).
+        resume = ResumeFile(cache.path("pretrain", spec, "progress"), resume_every_s) if cache is not None else None
+        record = _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume)
         if cache is not None:
             cache.save("pretrain", spec, "checkpoint", record)
+            resume.remove()
     def make_model(seed: int | None = None, _own: int = seed):
         return model_cfg.build(bundle.train.input_shape, bundle.train.num_classes, seed=_own if seed is None else seed)
 

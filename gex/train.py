@@ -17,9 +17,12 @@ weight decay and clipping as ``sgd_steps`` (shared through ``make_optimizer`` an
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +30,15 @@ from torch.func import functional_call, vmap
 
 from gex.data import Batch, LabeledData, iter_batches
 from gex.losses import LOSSES, per_sample_loss
+from gex.runs import ArtifactError, atomic_save, load_artifact
 from gex.utils import progress
 
-__all__ = ["TrainConfig", "Checkpoint", "TrainResult", "train", "sgd_steps", "lr_at", "update_bn",
+__all__ = ["TrainConfig", "Checkpoint", "TrainResult", "ResumeFile", "train", "sgd_steps", "lr_at", "update_bn",
            "eval_logits", "eval_losses", "batch_stream", "snapshot", "clone_model", "make_optimizer",
            "regularize_and_clip", "check_speed", "speed_of", "SPEED_FIELDS", "Stacked", "stack_states",
            "unstack_state", "stacked_sgd_steps", "stacked_update_bn"]
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("warmup_cosine", "constant")
 SPEED_FIELDS = ("channels_last", "amp_bf16", "compile")
@@ -128,6 +134,7 @@ class TrainResult:
     forgetting: Tensor          # (n,) correct -> wrong transitions of pre-update train-mode predictions
     never_learned: Tensor       # (n,) bool: never predicted correctly during training
     history: list[dict[str, float]]
+    wall_s: float = 0.0         # training time, including the processes a resumed run continued from
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -237,8 +244,9 @@ def regularize_and_clip(params: list[Tensor], cfg: TrainConfig, stacked: bool = 
 
 def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: TrainConfig,
               on_step: Callable[[int, Batch, Tensor, float], None] | None = None, desc: str = "train",
-              schedule_steps: int | None = None) -> None:
-    """Run ``n_steps`` SGD steps of ``cfg`` from a fresh momentum buffer.
+              schedule_steps: int | None = None, optimizer: torch.optim.SGD | None = None,
+              start_step: int = 0) -> None:
+    """Run steps ``start_step`` .. ``n_steps - 1`` of ``cfg`` (fresh momentum unless ``optimizer`` is given).
 
     Args:
         model: trained in place (train mode during the steps, eval mode after).
@@ -248,6 +256,9 @@ def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: Trai
         cfg: the recipe (lr, momentum, weight decay, schedule, clipping, loss, speed switches).
         on_step: called after each step with (step, batch, pre-update logits, lr).
         desc: progress-bar label.
+        optimizer: ``make_optimizer`` over the model's trainable parameters, possibly holding a restored momentum
+            buffer (a resumed run); None = a fresh one.
+        start_step: the first step's index in the schedule (a resumed run; ``stream`` continues from there).
 
     Raises:
         ValueError: a speed switch the model's device cannot honour (``check_speed``).
@@ -258,9 +269,9 @@ def sgd_steps(model: nn.Module, stream: Iterator[Batch], n_steps: int, cfg: Trai
         model.to(memory_format=torch.channels_last)
     forward = _compiled(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
+    opt = optimizer if optimizer is not None else make_optimizer(params, cfg)
     model.train()
-    for step in progress(range(n_steps), desc=desc, total=n_steps):
+    for step in progress(range(start_step, n_steps), desc=desc, total=n_steps - start_step):
         batch = next(stream)
         lr = lr_at(step, schedule_steps or n_steps, cfg)
         for group in opt.param_groups:
@@ -455,12 +466,45 @@ def eval_losses(model: nn.Module, data: LabeledData, loss: str = "ce", batch_siz
     return per_sample_loss(logits, data.y.cpu(), loss)
 
 
-class _Recorder:
-    """Per-step bookkeeping of a full training run: forgetting events, trajectory checkpoints, epoch logs."""
+@dataclass
+class ResumeFile:
+    """Where ``train`` keeps its progress, so that an interrupted run continues from its last save.
 
-    def __init__(self, model, data, cfg, total, generator, device, log_fn):
+    Saves happen at epoch ends, at most one per ``every_s`` seconds, atomically; the resumed run equals the
+    uninterrupted one bit for bit on the same device (model, momentum, both generators and the bookkeeping are
+    restored). The caller deletes the file once it has stored the finished result.
+
+    Attributes:
+        path: the file (one per run: key it like the run's result).
+        every_s: least seconds between two saves (0 = every epoch).
+    """
+
+    path: Path
+    every_s: float = 300.0
+
+    def load(self) -> dict[str, Any] | None:
+        return load_artifact(self.path, "training progress") if Path(self.path).is_file() else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        atomic_save(state, self.path)
+
+    def remove(self) -> None:
+        Path(self.path).unlink(missing_ok=True)
+
+
+class _Recorder:
+    """Per-step bookkeeping of a full training run: forgetting events, trajectory checkpoints, epoch logs, and the
+    progress saves of a resumable run."""
+
+    def __init__(self, model, data, cfg, total, generator, device, log_fn, resume: ResumeFile | None = None,
+                 order_generator: torch.Generator | None = None, optimizer: torch.optim.SGD | None = None,
+                 last_step: int | None = None):
         self.model, self.data, self.cfg, self.total, self.device = model, data, cfg, total, device
         self.bn_generator, self.log_fn = generator, log_fn
+        self.resume, self.order_generator, self.optimizer = resume, order_generator, optimizer
+        self.last_step = total if last_step is None else last_step
+        self.started = self.saved_at = time.monotonic()
+        self.earlier_wall_s = 0.0  # spent by the runs this one resumed
         n = len(data)
         self.prev_correct = torch.zeros(n, dtype=torch.bool)
         self.ever_correct = torch.zeros(n, dtype=torch.bool)
@@ -487,6 +531,40 @@ class _Recorder:
             update_bn(self.model, self.data, self.cfg, self.bn_generator, self.device)
             self.trajectory.append(Checkpoint(snapshot(self.model), done, lr))
             self.model.train()
+        # Only at epoch ends: the data-order generator has then drawn exactly that epoch's permutation and
+        # augmentations, so a fresh stream from its saved state continues the same sequence.
+        if (self.resume is not None and done % self.steps_per_epoch == 0 and done < self.last_step
+                and time.monotonic() - self.saved_at >= self.resume.every_s):
+            self.resume.save(self.state(done))
+            self.saved_at = time.monotonic()
+
+    def state(self, done: int) -> dict[str, Any]:
+        """Everything a resumed run needs to continue after step ``done`` exactly as this one would."""
+        return {"step": done, "total": self.total, "model": snapshot(self.model),
+                "optimizer": self.optimizer.state_dict(), "order_generator": self.order_generator.get_state(),
+                "bn_generator": self.bn_generator.get_state(), "forgetting": self.forgetting.clone(),
+                "prev_correct": self.prev_correct.clone(), "ever_correct": self.ever_correct.clone(),
+                "trajectory": [{"state": c.state, "step": c.step, "lr": c.lr} for c in self.trajectory],
+                "history": list(self.history), "wall_s": self.wall_s()}
+
+    def wall_s(self) -> float:
+        return self.earlier_wall_s + time.monotonic() - self.started
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load a saved ``state`` into the model, optimizer, generators and bookkeeping; return its step."""
+        if int(state["total"]) != self.total:
+            raise ArtifactError(f"training progress in {self.resume.path} is for {state['total']} steps, this run "
+                                f"has {self.total}; delete the file and rerun")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order_generator.set_state(state["order_generator"])
+        self.bn_generator.set_state(state["bn_generator"])
+        self.forgetting, self.prev_correct = state["forgetting"], state["prev_correct"]
+        self.ever_correct = state["ever_correct"]
+        self.trajectory = [Checkpoint(c["state"], int(c["step"]), float(c["lr"])) for c in state["trajectory"]]
+        self.history = list(state["history"])
+        self.earlier_wall_s = float(state["wall_s"])
+        return int(state["step"])
 
     def _end_epoch(self, done: int, lr: float) -> None:
         row = {"epoch": done / self.steps_per_epoch, "train/loss": self.loss_sum / max(1, self.seen),
@@ -499,7 +577,7 @@ class _Recorder:
 
 def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, device: torch.device,
           log_fn: Callable[[dict[str, float]], None] | None = None, desc: str = "train",
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, resume: ResumeFile | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` with recipe ``cfg``; BN statistics are refreshed at the end.
 
     Args:
@@ -512,6 +590,8 @@ def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, d
         desc: progress-bar label.
         max_steps: stop after this many steps of the full schedule (e.g. the authors' EL2N: 10 epochs of a
             200-epoch schedule); checkpoints past the stop are not taken.
+        resume: save progress there at epoch ends and, when it holds a save, continue from it (a long run that
+            was interrupted); None = neither.
 
     Returns:
         TrainResult with the trajectory (one checkpoint per ``cfg.ckpt_fracs``), forgetting counts and history.
@@ -519,14 +599,23 @@ def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, d
     total = cfg.total_steps(len(data))
     order_gen = torch.Generator().manual_seed(seed)
     bn_gen = torch.Generator().manual_seed(seed + 1_000_003)
-    recorder = _Recorder(model, data, cfg, total, bn_gen, device, log_fn)
-    stream = batch_stream(data, cfg.batch_size, cfg.augment, order_gen, device)
     steps = total if max_steps is None else min(max_steps, total)
-    sgd_steps(model, stream, steps, cfg, on_step=recorder, desc=desc, schedule_steps=total)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    recorder = _Recorder(model, data, cfg, total, bn_gen, device, log_fn, resume, order_gen, optimizer, steps)
+    saved = resume.load() if resume is not None else None
+    start = recorder.restore(saved) if saved is not None else 0
+    if start:
+        log.info("%s: resuming at step %d of %d from %s", desc, start, steps, resume.path)
+    stream = batch_stream(data, cfg.batch_size, cfg.augment, order_gen, device)
+    sgd_steps(model, stream, steps, cfg, on_step=recorder, desc=desc, schedule_steps=total, optimizer=optimizer,
+              start_step=start)
     if steps not in recorder.ckpt_steps:  # otherwise the last checkpoint already refreshed BN
         update_bn(model, data, cfg, bn_gen, device)
     model.eval()
-    return TrainResult(recorder.trajectory, recorder.forgetting, ~recorder.ever_correct, recorder.history)
+    if torch.device(device).type == "cuda":  # the wall time should include the queued kernels
+        torch.cuda.synchronize(device)
+    return TrainResult(recorder.trajectory, recorder.forgetting, ~recorder.ever_correct, recorder.history,
+                       recorder.wall_s())
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from experiments.common import RunLogger, settings_from
@@ -99,3 +100,27 @@ def test_a_finished_run_with_another_config_is_not_overwritten(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert out.returncode == 2 and "already holds a finished run with a different config" in out.stderr
     assert (run_dir / "metrics.json").read_text() == '{"train_acc": 0.5}'
+
+
+def test_an_interrupted_pretraining_continues_from_the_cache_to_the_same_theta(tmp_path):
+    from gex.runs import ArtifactCache
+    data, noise = DataConfig(name="digits", n_train=100, n_test=30), NoiseConfig(rate=0.3)
+    bundle = load_data(data, noise, 0)
+    model, recipe = ModelConfig("mlp", options={"hidden": 8}), TrainConfig(epochs=6, batch_size=32, bn_batches=1)
+    kw = dict(seed=0, data_cfg=data, noise_cfg=noise, device="cpu")
+    reference = pretrained_task(bundle, model, recipe, **kw)
+
+    def interrupt(row):
+        if row["epoch"] == 4:
+            raise KeyboardInterrupt
+
+    cache = ArtifactCache(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        pretrained_task(bundle, model, recipe, **kw, cache=cache, log_fn=interrupt, resume_every_s=0)
+    progress = list((tmp_path / "cache" / "pretrain").glob("*/progress.pt"))
+    assert len(progress) == 1 and not list((tmp_path / "cache" / "pretrain").glob("*/checkpoint.pt"))
+    resumed = pretrained_task(bundle, model, recipe, **kw, cache=cache, resume_every_s=0)
+    ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert torch.equal(resumed.forgetting, reference.forgetting)
+    assert not progress[0].exists() and progress[0].with_name("checkpoint.pt").is_file()

@@ -125,3 +125,73 @@ def test_max_steps_stops_inside_the_longer_schedule():
     assert result.history[-1]["train/lr"] == pytest.approx(lrs[1])  # the LR of step 8 of the 40-step schedule
     assert result.trajectory == []  # the checkpoints sit past the stop
     assert not torch.equal(full[1].weight, cut[1].weight)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after_epoch(epoch):
+    def log_fn(row):
+        if row["epoch"] == epoch:
+            raise _Interrupt
+    return log_fn
+
+
+def test_an_interrupted_run_resumes_from_its_last_save_to_the_same_result(tmp_path):
+    from gex.train import ResumeFile
+    data = _blobs(n=70)
+    data.augment = lambda x, g: x + 0.1 * torch.randn(x.shape, generator=g)  # draws from the order generator
+    cfg = TrainConfig(epochs=12, batch_size=16, lr=0.1, augment=True, ckpt_fracs=[0.25, 0.5, 1.0], bn_batches=3)
+    cpu = torch.device("cpu")
+    whole_model = build_model("mlp", (5,), 3, seed=0, hidden=8)
+    whole = train(whole_model, data, cfg, seed=5, device=cpu)
+
+    progress = ResumeFile(tmp_path / "progress.pt", every_s=0)
+    model = build_model("mlp", (5,), 3, seed=0, hidden=8)
+    with pytest.raises(_Interrupt):  # dies while logging epoch 8: the last save is that of epoch 7
+        train(model, data, cfg, seed=5, device=cpu, resume=progress, log_fn=_stop_after_epoch(8))
+    assert torch.load(progress.path, weights_only=True)["step"] == 7 * 5
+    model = build_model("mlp", (5,), 3, seed=0, hidden=8)  # a new process starts from a fresh model
+    resumed = train(model, data, cfg, seed=5, device=cpu, resume=progress)
+
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(model.state_dict(), whole_model.state_dict())
+    assert [c.step for c in resumed.trajectory] == [c.step for c in whole.trajectory] == [15, 30, 60]
+    assert all(same(c.state, d.state) and c.lr == d.lr for c, d in zip(resumed.trajectory, whole.trajectory))
+    assert torch.equal(resumed.forgetting, whole.forgetting) and whole.forgetting.sum() > 0
+    assert torch.equal(resumed.never_learned, whole.never_learned)
+    assert resumed.history == whole.history and resumed.wall_s >= 0
+
+
+def test_resuming_without_the_momentum_would_differ(tmp_path):
+    """The resume test above can fail: a save that drops the momentum buffer gives another model."""
+    from gex.train import ResumeFile
+    data = _blobs(n=70)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=0.1)
+    whole_model = build_model("mlp", (5,), 3, seed=0, hidden=8)
+    train(whole_model, data, cfg, seed=5, device=torch.device("cpu"))
+    progress = ResumeFile(tmp_path / "progress.pt", every_s=0)
+    with pytest.raises(_Interrupt):
+        train(build_model("mlp", (5,), 3, seed=0, hidden=8), data, cfg, seed=5, device=torch.device("cpu"),
+              resume=progress, log_fn=_stop_after_epoch(4))
+    state = torch.load(progress.path, weights_only=True)
+    state["optimizer"]["state"] = {}
+    torch.save(state, progress.path)
+    model = build_model("mlp", (5,), 3, seed=0, hidden=8)
+    train(model, data, cfg, seed=5, device=torch.device("cpu"), resume=progress)
+    resumed, whole = model.state_dict(), whole_model.state_dict()
+    assert not all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_progress_saved_for_another_schedule_is_a_one_line_error(tmp_path):
+    from gex.runs import ArtifactError
+    from gex.train import ResumeFile
+    data = _blobs(n=70)
+    progress = ResumeFile(tmp_path / "progress.pt", every_s=0)
+    with pytest.raises(_Interrupt):
+        train(build_model("mlp", (5,), 3, seed=0, hidden=8), data, TrainConfig(epochs=6, batch_size=16), seed=0,
+              device=torch.device("cpu"), resume=progress, log_fn=_stop_after_epoch(3))
+    with pytest.raises(ArtifactError, match="is for 30 steps, this run has 50"):
+        train(build_model("mlp", (5,), 3, seed=0, hidden=8), data, TrainConfig(epochs=10, batch_size=16), seed=0,
+              device=torch.device("cpu"), resume=progress)
