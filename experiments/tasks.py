@@ -25,6 +25,7 @@ from torch import Tensor
 from experiments.common import RunLogger, RunRecord, Settings, UsageError, load_task, settings_from, typed_config, versions
 from gex.attribution import Attributor, InfluenceTask, MethodError, build_method
 from gex.data import DataBundle, LabeledData
+from gex.runs import tensors_digest
 from gex.train import TrainConfig, eval_logits, train
 from gex.utils import peak_mem_mb, stage_timer
 
@@ -33,8 +34,8 @@ __all__ = ["DetectConfig", "RelabelConfig", "PruneConfig", "SeparateConfig", "ta
            "require_pairwise", "TaskRun", "start_run", "record_fields", "finish_run", "check_scores",
            "ranking_order", "ranking_metrics", "found_at", "detection_metrics", "otsu_flags",
            "model_probs", "rdia_targets", "relabeled_data", "flag_metrics", "pct_label", "n_removed", "prune_rows",
-           "random_prune_rows", "retrain_recipe", "retrain_test_acc", "cached_value", "unchanged_test_acc",
-           "minority_mask", "rows_where", "upweighted", "accuracy"]
+           "random_prune_rows", "retrain_recipe", "retrain_test_acc", "data_digest", "cached_value",
+           "unchanged_test_acc", "minority_mask", "rows_where", "upweighted", "accuracy"]
 
 log = logging.getLogger("gex")
 
@@ -436,10 +437,24 @@ def accuracy(model: torch.nn.Module, test: LabeledData) -> float:
 def retrain_test_acc(task: InfluenceTask, data: LabeledData, recipe: TrainConfig, test: LabeledData,
                      desc: str = "retrain") -> float:
     """Train a fresh model from theta*'s initialization (``task.fresh_model()``, same seed and data order) on
-    ``data`` with ``recipe`` (schedule sized to ``len(data)``; BN refreshed) and return its accuracy on ``test``."""
-    model = task.fresh_model()
-    train(model, data, recipe, seed=task.seed, device=task.device, desc=desc)
-    return accuracy(model, test)
+    ``data`` with ``recipe`` (schedule sized to ``len(data)``; BN refreshed) and return its accuracy on ``test``.
+
+    Cached by what the retrain sees (theta*'s spec, the recipe, and the contents of ``data`` and ``test``), so a
+    task that was interrupted after some of its retrains (a pruning grid) continues past the finished ones.
+    """
+    def compute() -> float:
+        model = task.fresh_model()
+        train(model, data, recipe, seed=task.seed, device=task.device, desc=desc)
+        return accuracy(model, test)
+
+    what = {"job": "retrain", "recipe": recipe.cache_spec(), "data": data_digest(data), "test": data_digest(test)}
+    return cached_value(task, what, compute)
+
+
+def data_digest(data: LabeledData) -> str:
+    """16 hex digits identifying what a training or evaluation pass sees: inputs, labels, soft targets, weights and
+    original indices, in their order."""
+    return tensors_digest(data.x, data.y, data.targets, data.weights, data.index)
 
 
 def cached_value(task: InfluenceTask, what: dict[str, Any], compute: Callable[[], float]) -> float:

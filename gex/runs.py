@@ -63,6 +63,19 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def tensors_digest(*tensors: torch.Tensor | None) -> str:
+    """16 hex digits identifying the contents of ``tensors`` in order (shape, dtype and values; None counts)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            digest.update(b"none;")
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: no half-written file ever exists."""
     _atomic(Path(path), lambda handle: torch.save(obj, handle))

@@ -173,6 +173,33 @@ def test_an_unchanged_retrain_reproduces_theta_star():
     assert (shorter.epochs, shorter.steps, shorter.lr) == (1, None, task.recipe.lr)
 
 
+def test_retrains_are_cached_by_what_they_see_so_an_interrupted_task_resumes(tmp_path, monkeypatch):
+    from experiments import tasks
+    from gex.runs import ArtifactCache
+    task = make_task(n_train=100, n_test=40, epochs=2)
+    task.cache, task.cache_spec = ArtifactCache(tmp_path / "cache"), {"theta": "star"}
+    calls = []
+    real_train = tasks.train
+    monkeypatch.setattr(tasks, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    first = retrain_test_acc(task, task.train.subset(torch.arange(80)), task.recipe, task.test)
+    again = retrain_test_acc(task, task.train.subset(torch.arange(80)), task.recipe, task.test)
+    assert len(calls) == 1 and again == first  # the second run of the same retrain is read back
+    flipped = task.train.with_labels(torch.where(torch.arange(100) == 3, (task.train.y + 1) % 10, task.train.y))
+    retrain_test_acc(task, flipped.subset(torch.arange(80)), task.recipe, task.test)        # one label differs
+    retrain_test_acc(task, task.train.subset(torch.arange(80).flip(0)), task.recipe, task.test)  # another order
+    retrain_test_acc(task, task.train.subset(torch.arange(80)), task.recipe, task.test.subset(torch.arange(20)))
+    assert len(calls) == 4
+
+
+def test_tensor_digests_tell_contents_order_dtype_and_none_apart():
+    from gex.runs import tensors_digest
+    a = torch.arange(6)
+    assert tensors_digest(a, None) == tensors_digest(torch.arange(6), None)
+    others = [tensors_digest(a.flip(0), None), tensors_digest(a.double(), None), tensors_digest(a.view(2, 3), None),
+              tensors_digest(a, a), tensors_digest(a), tensors_digest(torch.zeros(0)), tensors_digest(a, None, None)]
+    assert len({tensors_digest(a, None), *others}) == 1 + len(others)
+
+
 def test_pruning_removes_exactly_the_lowest_scores():
     scores = torch.randperm(50, generator=torch.Generator().manual_seed(3)).double()
     kept = prune_rows(scores, 0.3, seed=0)
