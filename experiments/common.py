@@ -143,14 +143,25 @@ class RunLogger:
             self.run = None
 
 
+def _git_revision(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """HEAD's short hash in ``root``, with ``-dirty`` when tracked code differs from it; "" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=5).stdout.strip()
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        code = ("gex", "baselines", "experiments", "configs")  # results/ and docs do not change what runs
+        return rev + ("-dirty" if rev and git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# Read when the process starts: a record names the code its process loaded, even if the checkout moved on since.
+GIT_REVISION = _git_revision()
+
+
 def versions() -> dict[str, str]:
     """Library versions and git revision for the record."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return {"torch": torch.__version__, "python": platform.python_version(), "git": rev or "unknown",
+    return {"torch": torch.__version__, "python": platform.python_version(), "git": GIT_REVISION or "unknown",
             "host_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 

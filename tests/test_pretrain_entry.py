@@ -124,3 +124,23 @@ def test_an_interrupted_pretraining_continues_from_the_cache_to_the_same_theta(t
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert torch.equal(resumed.forgetting, reference.forgetting)
     assert not progress[0].exists() and progress[0].with_name("checkpoint.pt").is_file()
+
+
+def test_the_recorded_revision_is_marked_dirty_only_when_code_differs_from_it(tmp_path):
+    from experiments.common import _git_revision
+    assert _git_revision(tmp_path) == ""  # not a checkout
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    for name in ("gex/a.py", "results/r.json", "README.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "results/r.json").write_text("y")
+    (tmp_path / "README.md").write_text("y")
+    assert _git_revision(tmp_path) == head
+    (tmp_path / "gex/a.py").write_text("y")
+    assert _git_revision(tmp_path) == head + "-dirty"
