@@ -64,6 +64,7 @@ SKIP_DIRS = {"wandb", ".hydra", "__pycache__", ".git"}
 META = ("task", "setting", "method", "variant", "data", "noise_kind", "noise_rate", "model", "seed", "path",
         "config_version")
 REFERENCE_ROWS = ("random", "no relabel", "oracle", "loo")   # listed last in every table
+ORACLE_UNUSED = ("flag_precision", "flag_recall", "n_flagged", "otsu_threshold")  # the oracle's retrain ignores them
 UNRANKED_ROWS = ("oracle", "loo")    # ground truth / upper bounds: never bold, they are not competitors
 LOWER_IS_BETTER = re.compile(r"(wall_s.*|peak_mem_mb|.*time_ratio|ratio_to_floor)")
 HIGHER_IS_BETTER = re.compile(r"(auroc.*|ap|ap_.*|.*acc.*|found_at_\d+|.*spearman.*|.*pearson.*|lds|"
@@ -97,7 +98,8 @@ class TableSpec:
 TABLES: dict[str, TableSpec] = {
     "pretrain": TableSpec("Pretraining", ("train_acc", "noisy_fit", "test_acc", "wall_s")),
     "detect": TableSpec("Mislabel detection by self-influence (AUROC / AP)", ("auroc", "ap")),
-    "relabel": TableSpec("Relabeling: test accuracy", ("test_acc",),
+    "relabel": TableSpec("Relabeling: test accuracy, and precision / recall of the flagged set",
+                         ("test_acc", "flag_precision", "flag_recall"),
                          references=(("test_acc_no_relabel", "no relabel", "test_acc"),
                                      ("test_acc_oracle", "oracle", "test_acc"))),
     "prune": TableSpec("Pruning: test accuracy by % of the training set removed", pattern=r"test_acc_at_(\d+)"),
@@ -240,7 +242,9 @@ def _label(records: list[dict]) -> None:
             detail = ", ".join(f"{k.removeprefix('method.')}={rec['_config'].get(k)}" for k in extra)
             rec["variant"] = f"{rec['method']} ({detail})" if detail else rec["method"]
             if rec["task"] == "relabel" and rec.get("relabel_mode") == "oracle":
-                rec["variant"] = "oracle"   # a retrain on the true labels: no method enters it
+                rec["variant"] = "oracle"   # a retrain on the true labels: no method enters it, nor its flags
+                for key in ORACLE_UNUSED:
+                    rec.pop(key, None)
 
 
 def load_runs(paths: str | Path | Sequence[str | Path], exclude: Iterable[Path] = ()

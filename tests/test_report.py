@@ -231,15 +231,18 @@ def test_method_variants_are_not_averaged(tmp_path: Path):
 
 def test_an_oracle_relabel_run_is_the_unranked_oracle_row(tmp_path: Path):
     """``task.mode=oracle`` retrains on the true labels whatever the method: its row is ``oracle``, never bold."""
+    flags = {"flag_precision": 0.9, "flag_recall": 0.2, "n_flagged": 199}
     write_run(tmp_path, "gex", task="relabel", method="gex", seed=0,
-              metrics={"test_acc": 0.87, "test_acc_no_relabel": 0.86, "relabel_mode": "rdia"})
+              metrics={"test_acc": 0.87, "test_acc_no_relabel": 0.86, "relabel_mode": "rdia"} | flags)
     write_run(tmp_path, "oracle", task="relabel", method="loss", seed=0,
-              metrics={"test_acc": 0.90, "test_acc_no_relabel": 0.86, "relabel_mode": "oracle"})
+              metrics={"test_acc": 0.90, "test_acc_no_relabel": 0.86, "relabel_mode": "oracle"} | flags)
     frame, _ = report.load_runs(tmp_path)
     assert sorted(frame["variant"]) == ["gex", "oracle"]
     table = report.build_table(_stats(tmp_path), "relabel")
     assert "oracle" in table.rows and not table.cells["oracle", "test_acc"].best
     assert table.cells["gex", "test_acc"].best
+    # the loss flags the oracle run computed on the way never reach the table: its retrain ignores them
+    assert table.cells["gex", "flag_precision"].mean == 0.9 and ("oracle", "flag_precision") not in table.cells
 
 
 def test_a_config_field_added_later_does_not_split_older_runs(tmp_path: Path):
