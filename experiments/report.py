@@ -422,9 +422,26 @@ def _select(stats: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     return part
 
 
-def _order_rows(names: Iterable[str]) -> list[str]:
+def _references_last(names: Iterable[str]) -> list[str]:
     names = sorted(set(names))
     return [n for n in names if n not in REFERENCE_ROWS] + [n for n in REFERENCE_ROWS if n in names]
+
+
+def _order_rows(table: Table) -> None:
+    """Best row first by the first column that tells the ranked rows apart (ties and blanks: by name); the
+    reference rows last."""
+    names = _references_last({r for r, _ in table.cells} | set(table.rows))
+    ranked = [n for n in names if n not in REFERENCE_ROWS]
+    for setting, metric, label in table.columns:
+        values = {n: table.cells[n, label].mean for n in ranked
+                  if (n, label) in table.cells and np.isfinite(table.cells[n, label].mean)}
+        how = _direction(metric)
+        if how is None or len(set(np.round(list(values.values()), 12))) < 2:
+            continue
+        sign = 1.0 if how == "min" else -1.0
+        ranked = sorted(values, key=lambda n: (sign * values[n], n)) + [n for n in ranked if n not in values]
+        break
+    table.rows = ranked + [n for n in REFERENCE_ROWS if n in names]
 
 
 def build_table(stats: pd.DataFrame, task: str, spec: TableSpec | None = None, level: float = 0.95,
@@ -455,8 +472,8 @@ def build_table(stats: pd.DataFrame, task: str, spec: TableSpec | None = None, l
     multi_set, multi_met = cols["setting"].nunique() > 1, cols["shown"].nunique() > 1
     label = {(s, m): (f"{s}: {sh}" if multi_set and multi_met else s if multi_set else sh)
              for s, _, m, sh in cols.itertuples(index=False)}
-    table = Table(task, spec.title, _order_rows(part["method"]), [(s, m, label[s, m]) for s, m in
-                                                                   zip(cols["setting"], cols["metric"])])
+    table = Table(task, spec.title, sorted(set(part["method"])), [(s, m, label[s, m]) for s, m in
+                                                                  zip(cols["setting"], cols["metric"])])
     own = stats.set_index(["task", "setting", "method", "metric"])["mean"]
     for r in part.itertuples(index=False):
         low, high = r.ci_low, r.ci_high
@@ -465,6 +482,7 @@ def build_table(stats: pd.DataFrame, task: str, spec: TableSpec | None = None, l
             high = own.get((task, r.setting, r.method, f"{r.metric}_ci_high"), high)
         table.cells[r.method, label[r.setting, r.metric]] = Cell(int(r.n), r.mean, r.std, float(low), float(high))
     _mark_best(table)
+    _order_rows(table)
     for *_, col in table.columns:  # one number format per column, so that its entries line up
         means = [abs(c.mean) for (_, lab), c in table.cells.items() if lab == col and np.isfinite(c.mean)]
         table.decimals[col] = FLOAT_DIGITS if max(means, default=0.0) < LARGE else LARGE_DIGITS
@@ -655,7 +673,7 @@ def _fig_prune(pooled: pd.DataFrame, fig_dir: Path) -> list[Path]:
 def _fig_relabel(pooled: pd.DataFrame, fig_dir: Path) -> list[Path]:
     part, written = pooled[(pooled["task"] == "relabel") & (pooled["metric"] == "test_acc")], []
     for setting, sp in part.groupby("setting"):
-        bars = {m: sp[sp["method"] == m]["value"].to_numpy() for m in _order_rows(sp["method"])}
+        bars = {m: sp[sp["method"] == m]["value"].to_numpy() for m in _references_last(sp["method"])}
         written += plots.plot_relabel_bars(bars, f"Relabeling, {setting}", fig_dir / f"relabel_{_slug(setting)}")
     return written
 

@@ -190,9 +190,11 @@ def test_table_layouts(tree: Path):
     stats = _stats(tree)
     prune = report.build_table(stats, "prune")
     assert [label for *_, label in prune.columns] == ["10%", "20%", "40%"]     # numeric, not text order
-    assert prune.rows == ["el2n", "gex", "random"]                              # references last
+    assert prune.rows[-1] == "random"                                             # references last
+    first = prune.columns[0][2]                                                   # best first in the 10% column
+    assert prune.cells[prune.rows[0], first].mean > prune.cells[prune.rows[1], first].mean
     relabel = report.build_table(stats, "relabel")
-    assert relabel.rows == ["el2n", "gex", "no relabel"] and relabel.cells["gex", "test_acc"].best
+    assert relabel.rows == ["gex", "el2n", "no relabel"] and relabel.cells["gex", "test_acc"].best
     gt = report.build_table(stats, "groundtruth")
     cell = gt.cells["gex", "lds"]      # one seed: the run's own interval over test samples is shown
     assert (cell.n, cell.low, cell.high) == (1, 0.2, 0.4)
@@ -227,6 +229,21 @@ def test_method_variants_are_not_averaged(tmp_path: Path):
     frame, _ = report.load_runs(tmp_path / "relabel")
     assert sorted(frame["variant"]) == ["gex (task.mode=oracle)", "gex (task.mode=otsu)"]
     assert set(frame["setting"]) == {"digits symmetric 0.1"}
+
+
+def test_rows_are_ranked_by_the_first_column_that_tells_them_apart(tmp_path: Path):
+    """Prune's 0% column is the same unpruned retrain for every method: the ranking falls to the next column; a
+    time column ranks lowest first; a method without a value in the ranking column comes after the ranked ones."""
+    for method, acc0, acc20, seed in (("a", 0.9, 0.80, 0), ("b", 0.9, 0.85, 0), ("c", 0.9, 0.70, 0)):
+        write_run(tmp_path, method, task="prune", method=method, seed=seed,
+                  metrics={"test_acc_at_0": acc0, "test_acc_at_20": acc20, "random.test_acc_at_20": 0.82})
+    assert report.build_table(_stats(tmp_path), "prune").rows == ["b", "a", "c", "random"]
+    spec = report.TableSpec("cost", ("wall_s", "peak_mem_mb"))
+    for method, wall in (("a_slow", 9.0), ("z_fast", 1.0)):
+        write_run(tmp_path / "bench", method, task="cost", method=method, seed=0,
+                  metrics={"wall_s": wall, "peak_mem_mb": 5.0})
+    write_run(tmp_path / "bench", "nowall", task="cost", method="nowall", seed=0, metrics={"peak_mem_mb": 1.0})
+    assert report.build_table(_stats(tmp_path / "bench"), "cost", spec).rows == ["z_fast", "a_slow", "nowall"]
 
 
 def test_an_oracle_relabel_run_is_the_unranked_oracle_row(tmp_path: Path):
