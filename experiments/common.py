@@ -155,13 +155,16 @@ def _git_revision(root: Path = Path(__file__).resolve().parents[1]) -> str:
         return ""
 
 
-# Read when the process starts: a record names the code its process loaded, even if the checkout moved on since.
-GIT_REVISION = _git_revision()
+@functools.cache
+def loaded_revision() -> str:
+    """The revision of the code this process loaded: read once, as an entry point starts (``entry_point``), so a
+    record names it even if the checkout moved on during the run; not at import (no git calls for library users)."""
+    return _git_revision()
 
 
 def versions() -> dict[str, str]:
     """Library versions and git revision for the record."""
-    return {"torch": torch.__version__, "python": platform.python_version(), "git": GIT_REVISION or "unknown",
+    return {"torch": torch.__version__, "python": platform.python_version(), "git": loaded_revision() or "unknown",
             "host_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
@@ -257,6 +260,7 @@ def entry_point(job: str) -> Callable[[Callable[[DictConfig, Path, RunLogger], d
         @functools.wraps(fn)
         def main(cfg: DictConfig) -> None:
             from hydra.core.hydra_config import HydraConfig
+            loaded_revision()
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             try:
                 with distributed_context(timeout_s=_dist_timeout_s()) as info:
