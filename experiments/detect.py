@@ -3,7 +3,9 @@
 Scores the noisy training set by self-influence (``task.score=self``) or by -(influence on the mean test loss)
 (``task.score=cross``, the authors' sign: samples that raise the test loss rank first) and records ``auroc``,
 ``ap`` (label 1 = noisy), ``found_at_5/10/20``, ``noise_rate_realized`` and the method's diagnostics (GEX: median
-member loss of noisy / clean samples), with a Fig. 1-style histogram and the detection curve.
+member loss of noisy / clean samples), with a Fig. 1-style histogram and the detection curve. ``noisy_fit`` (share
+of the mislabeled samples theta* predicts as their noisy label) and ``auroc_noisy_fit`` / ``auroc_noisy_unfit``
+(AUROC of each group against the clean samples) tell memorized noise, GEX's regime, from noise theta* never fit.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from omegaconf import DictConfig
 
 from experiments import plots
 from experiments.common import RunLogger, UsageError, entry_point
-from experiments.tasks import (TaskRun, check_scores, detection_metrics, finish_run, record_fields, start_run,
-                               task_config)
+from experiments.tasks import (TaskRun, check_scores, detection_by_fit, detection_metrics, finish_run, record_fields,
+                               start_run, task_config)
 from gex.data import DataBundle
+from gex.train import eval_logits
 from gex.utils import stage_timer
 
 __all__ = ["run"]
@@ -57,8 +60,12 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     pairwise = ("task.score=cross", "set task.score=self") if opts.score == "cross" else None
     run_ = start_run(cfg, run_dir, logger, pairwise=pairwise, check=_has_noise)
     scores = _score(run_, opts.score)
-    noisy = run_.task.train.is_noisy.cpu()
-    metrics = detection_metrics(scores, noisy, seed=run_.task.seed) | run_.method.diagnostics() | {
+    train = run_.task.train
+    noisy = train.is_noisy.cpu()
+    fitted = eval_logits(run_.task.model, train).argmax(-1).cpu() == train.y.cpu()   # one pass, outside the timers
+    metrics = detection_metrics(scores, noisy, seed=run_.task.seed) | detection_by_fit(scores, noisy, fitted) | {
+        "noisy_fit": fitted[noisy].float().mean().item(),
+    } | run_.method.diagnostics() | {
         "noise_rate_realized": run_.bundle.noise_rate_realized, "score_kind": opts.score,
     } | record_fields(cfg, run_, "detect")
     figures = _plot(scores, noisy, metrics, opts.score, run_dir)

@@ -324,6 +324,22 @@ def detection_metrics(scores: Tensor, positive: Tensor, seed: int = 0) -> dict[s
     return out | {f"found_at_{pct}": found_at(scores, positive, pct / 100, seed) for pct in FOUND_AT_PCTS}
 
 
+def detection_by_fit(scores: Tensor, noisy: Tensor, fitted: Tensor) -> dict[str, float]:
+    """AUROC against the clean samples, separately for the mislabeled samples theta* fits (predicts as their noisy
+    label: the memorized ones, GEX's regime) and for those it does not.
+
+    Returns ``auroc_noisy_fit`` and ``auroc_noisy_unfit``; a key is left out when its group (or the clean set) is
+    empty.
+    """
+    noisy, fitted = noisy.cpu().bool(), fitted.cpu().bool()
+    out = {}
+    for name, group in (("fit", noisy & fitted), ("unfit", noisy & ~fitted)):
+        keep = group | ~noisy
+        if group.any() and (~noisy).any():
+            out[f"auroc_noisy_{name}"] = ranking_metrics(scores.cpu()[keep], group[keep], "detect")["auroc"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ relabeling
 
 def otsu_flags(scores: Tensor) -> tuple[Tensor, float]:

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from experiments import detect, prune, relabel, separate
 from experiments.common import RunLogger, entry_point
-from experiments.tasks import (PruneConfig, accuracy, found_at, has_pairwise, otsu_flags, prune_rows,
+from experiments.tasks import (PruneConfig, accuracy, detection_by_fit, found_at, has_pairwise, otsu_flags, prune_rows,
                                random_prune_rows, ranking_order, rdia_targets, register_methods, relabeled_data,
                                retrain_recipe, retrain_test_acc)
 from gex.attribution import Attributor, build_method, register
@@ -76,7 +76,7 @@ def _run(job: str, cache: Path, run_dir: Path, *overrides: str) -> dict:
 
 
 REQUIRED = {
-    "detect": ["auroc", "ap", "found_at_5", "found_at_10", "found_at_20", "noise_rate_realized"],
+    "detect": ["auroc", "ap", "found_at_5", "found_at_10", "found_at_20", "noise_rate_realized", "noisy_fit"],
     "relabel": ["test_acc", "test_acc_no_relabel", "flag_precision", "flag_recall", "n_flagged"],
     "prune": [f"{p}test_acc_at_{pct}" for p in ("", "random.") for pct in (0, 10, 20, 30, 40)],
     "separate": ["auroc", "ap", "minority_test_acc_weighted", "minority_test_acc_uniform"],
@@ -234,6 +234,16 @@ def test_found_at_equals_a_brute_force_count():
         k = round(frac * 200)
         expected = sum(bool(positive[i]) for i in brute_order[:k]) / int(positive.sum())
         assert found_at(scores, positive, frac, seed=7) == pytest.approx(expected, abs=1e-12)
+
+
+def test_detection_by_fit_scores_each_noisy_group_against_the_clean_samples():
+    # clean scores 1, 2, 3; fitted noisy 2.5 and 0 (beats 2 of 3 and 0 of 3); unfitted noisy 5 (beats all 3)
+    scores = torch.tensor([1.0, 2.0, 3.0, 2.5, 0.0, 5.0])
+    noisy = torch.tensor([False, False, False, True, True, True])
+    fitted = torch.tensor([True, True, False, True, True, False])
+    out = detection_by_fit(scores, noisy, fitted)
+    assert out == {"auroc_noisy_fit": pytest.approx(2 / 6), "auroc_noisy_unfit": pytest.approx(1.0)}
+    assert set(detection_by_fit(scores, noisy, torch.zeros(6, dtype=torch.bool))) == {"auroc_noisy_unfit"}
 
 
 def test_the_mixture_has_the_stated_minority_fraction():
