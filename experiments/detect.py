@@ -20,7 +20,7 @@ from experiments.common import RunLogger, UsageError, entry_point
 from experiments.tasks import (TaskRun, check_scores, detection_by_fit, detection_metrics, finish_run, record_fields,
                                start_run, task_config)
 from gex.data import DataBundle
-from gex.train import eval_logits
+from gex.pipeline import fitted_train_samples
 from gex.utils import stage_timer
 
 __all__ = ["run"]
@@ -60,9 +60,8 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     pairwise = ("task.score=cross", "set task.score=self") if opts.score == "cross" else None
     run_ = start_run(cfg, run_dir, logger, pairwise=pairwise, check=_has_noise)
     scores = _score(run_, opts.score)
-    train = run_.task.train
-    noisy = train.is_noisy.cpu()
-    fitted = eval_logits(run_.task.model, train).argmax(-1).cpu() == train.y.cpu()   # one pass, outside the timers
+    noisy = run_.task.train.is_noisy.cpu()
+    fitted = fitted_train_samples(run_.task)   # one eval pass of theta*, outside the method's timers
     metrics = detection_metrics(scores, noisy, seed=run_.task.seed) | detection_by_fit(scores, noisy, fitted) | {
         "noisy_fit": fitted[noisy].float().mean().item(),
     } | run_.method.diagnostics() | {

@@ -19,7 +19,7 @@ from gex.runs import ArtifactCache
 from gex.train import Checkpoint, ResumeFile, TrainConfig, eval_logits, train
 from gex.utils import resolve_device
 
-__all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics"]
+__all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics", "fitted_train_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,17 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
                          cache=cache, cache_spec=spec, pretrain_wall_s=0.0 if reused else float(record["wall_s"]))
 
 
+def fitted_train_samples(task: InfluenceTask) -> torch.Tensor:
+    """Bool ``(n,)`` on the CPU: theta* predicts the training label (noisy or not) of each sample."""
+    return eval_logits(task.model, task.train).argmax(-1).cpu() == task.train.y.cpu()
+
+
 def pretrain_metrics(task: InfluenceTask) -> dict[str, float]:
     """``train_acc`` (on the labels trained on), ``noisy_fit`` (mislabeled samples predicted as their noisy
     label) and ``test_acc`` of theta*."""
-    train_pred = eval_logits(task.model, task.train).argmax(-1)
     test_pred = eval_logits(task.model, task.test).argmax(-1)
-    y, noisy = task.train.y.cpu(), task.train.is_noisy.cpu()
-    fitted = train_pred == y
+    noisy = task.train.is_noisy.cpu()
+    fitted = fitted_train_samples(task)
     return {"train_acc": fitted.float().mean().item(),
             "noisy_fit": fitted[noisy].float().mean().item() if noisy.any() else float("nan"),
             "test_acc": (test_pred == task.test.y.cpu()).float().mean().item()}
