@@ -53,11 +53,9 @@ PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter":
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
     """Digits (``n`` train, ``n // 2`` test, 10% noise), BN MLP 64-32-10, 20 epochs; nothing cached."""
-    data_cfg, noise_cfg = DataConfig(name="digits", n_train=n, n_test=max(1, n // 2)), NoiseConfig(rate=0.1)
-    bundle = load_data(data_cfg, noise_cfg, seed)
+    bundle = load_data(DataConfig(name="digits", n_train=n, n_test=max(1, n // 2)), NoiseConfig(rate=0.1), seed)
     return pretrained_task(bundle, ModelConfig("mlp", options=dict(TINY_MODEL)),
-                           TrainConfig(epochs=TINY_EPOCHS, batch_size=64, bn_batches=4), seed=seed,
-                           data_cfg=data_cfg, noise_cfg=noise_cfg, device=device)
+                           TrainConfig(epochs=TINY_EPOCHS, batch_size=64, bn_batches=4), seed=seed, device=device)
 
 
 def _loader(task: InfluenceTask, batch_size: int | None = None) -> DataLoader:

@@ -81,7 +81,7 @@ def load_task(s: Settings, logger: "RunLogger | None" = None) -> tuple[DataBundl
     bundle = load_data(s.data, s.noise, s.seed)
     log_fn = (lambda row: logger.log({f"pretrain/{k}": v for k, v in row.items()})) if logger else None
     with main_first():  # under torchrun rank 0 trains and caches theta*, then the other ranks load it
-        task = pretrained_task(bundle, s.model, s.train, seed=s.seed, data_cfg=s.data, noise_cfg=s.noise,
+        task = pretrained_task(bundle, s.model, s.train, seed=s.seed,
                                device=s.device, cache=s.cache, log_fn=log_fn)
     if not same_on_ranks(_fingerprint(task.model)):
         raise UsageError(f"the ranks hold different theta* (paths.cache={s.cache.root} is not shared by every "

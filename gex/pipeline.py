@@ -3,6 +3,9 @@
     bundle = load_data(DataConfig(name="digits"), NoiseConfig(rate=0.2), seed=0)
     task = pretrained_task(bundle, ModelConfig("cnn_small"), TrainConfig(epochs=30), seed=0)
     scores = GEX(num_members=8, ft_step=100).fit(task).self_influence(task.train)
+
+The checkpoint cache is keyed by a digest of the data actually trained on and evaluated (not by the configs that
+produced it), so two bundles at different noise rates never share a theta*.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from gex.attribution import InfluenceTask
-from gex.data import DataBundle, DataConfig, NoiseConfig
+from gex.data import DataBundle
 from gex.models import ModelConfig
 from gex.runs import ArtifactCache
 from gex.train import Checkpoint, ResumeFile, TrainConfig, eval_logits, train
@@ -24,12 +27,10 @@ __all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics", "fitted_train
 log = logging.getLogger(__name__)
 
 
-def pretrain_spec(data: DataConfig, noise: NoiseConfig, model: ModelConfig, recipe: TrainConfig,
-                  seed: int) -> dict[str, Any]:
-    """The config parts that determine a pretrained checkpoint (paths and download switches excluded)."""
-    data_part = {k: v for k, v in asdict(data).items() if k not in ("root", "download")}
-    noise_part = asdict(noise) | {"seed": noise.seed if noise.seed is not None else seed}
-    return {"data": data_part, "noise": noise_part, "model": asdict(model), "train": recipe.cache_spec(), "seed": seed}
+def pretrain_spec(bundle: DataBundle, model: ModelConfig, recipe: TrainConfig, seed: int) -> dict[str, Any]:
+    """What determines a pretrained checkpoint: the data itself (digests), the architecture, recipe and seed."""
+    return {"train_data": bundle.train.digest(), "test_data": bundle.test.digest(), "model": asdict(model),
+            "train": recipe.cache_spec(), "seed": seed}
 
 
 def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume: ResumeFile | None) -> dict[str, Any]:
@@ -43,18 +44,16 @@ def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume: Resume
 
 
 def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainConfig, *, seed: int,
-                    data_cfg: DataConfig | None = None, noise_cfg: NoiseConfig | None = None,
                     device: torch.device | str = "auto", cache: ArtifactCache | None = None,
                     log_fn: Callable[[dict[str, float]], None] | None = None,
                     resume_every_s: float = 300.0) -> InfluenceTask:
     """Train theta* (or load it from ``cache``) and return the task every method consumes.
 
     Args:
-        bundle: train/test data (noise applied).
+        bundle: train/test data (noise applied); a digest of its tensors keys the cached checkpoint.
         model_cfg: architecture.
         recipe: pretraining recipe.
         seed: init, data order and everything else random.
-        data_cfg, noise_cfg: the configs ``bundle`` came from; with ``cache`` they key the checkpoint.
         device: ``auto`` = CUDA when present.
         cache: artefact cache; None trains in memory.
         log_fn: per-epoch metrics sink.
@@ -65,13 +64,14 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
         InfluenceTask with theta*, the trajectory and the forgetting log.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    spec = pretrain_spec(data_cfg or DataConfig(), noise_cfg or NoiseConfig(), model_cfg, recipe, seed)
+    spec = pretrain_spec(bundle, model_cfg, recipe, seed)
     record = cache.load("pretrain", spec, "checkpoint") if cache is not None else None
     reused = record is not None
     if record is None:
         # With a cache, an interrupted pretraining continues from its last epoch-end save (``train``'s resume).
         resume = ResumeFile(cache.path("pretrain", spec, "progress"), resume_every_s) if cache is not None else None
         record = _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume)
+        record["provenance"] = bundle.provenance
         if cache is not None:
             cache.save("pretrain", spec, "checkpoint", record)
             resume.remove()

@@ -39,7 +39,7 @@ def make_task(data: str = "digits", n_train: int | None = 300, n_test: int | Non
     recipe = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, bn_batches=4, **train_kw)
     torch.set_default_dtype(dtype)
     try:
-        task = pretrained_task(bundle, model_cfg, recipe, seed=seed, data_cfg=data_cfg, noise_cfg=noise_cfg,
+        task = pretrained_task(bundle, model_cfg, recipe, seed=seed,
                                device="cpu")
     finally:
         torch.set_default_dtype(torch.float32)

@@ -167,7 +167,7 @@ def _tiny_task(cache_root: str, bundle=None):
     bundle = load_data(TINY_DATA, TINY_NOISE, 0) if bundle is None else bundle
     recipe = TrainConfig(epochs=3, batch_size=16, lr=0.1, bn_batches=2)
     return pretrained_task(bundle, ModelConfig("mlp", options={"hidden": 8, "depth": 1}), recipe, seed=0,
-                           data_cfg=TINY_DATA, noise_cfg=TINY_NOISE, device="cpu", cache=ArtifactCache(cache_root))
+                           device="cpu", cache=ArtifactCache(cache_root))
 
 
 def _method_scores(task) -> dict[str, torch.Tensor]:

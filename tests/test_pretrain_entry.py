@@ -43,7 +43,7 @@ def test_noisy_fit_counts_mislabeled_samples_predicted_as_their_noisy_label():
     data, noise = DataConfig(name="digits", n_train=100, n_test=30), NoiseConfig(rate=0.3)
     bundle = load_data(data, noise, 0)
     task = pretrained_task(bundle, ModelConfig("mlp", options={"hidden": 8}), TrainConfig(epochs=1, bn_batches=1),
-                           seed=0, data_cfg=data, noise_cfg=noise, device="cpu")
+                           seed=0, device="cpu")
     from gex.pipeline import pretrain_metrics
     from gex.train import eval_logits
     pred = eval_logits(task.model, task.train).argmax(-1)
@@ -107,7 +107,7 @@ def test_an_interrupted_pretraining_continues_from_the_cache_to_the_same_theta(t
     data, noise = DataConfig(name="digits", n_train=100, n_test=30), NoiseConfig(rate=0.3)
     bundle = load_data(data, noise, 0)
     model, recipe = ModelConfig("mlp", options={"hidden": 8}), TrainConfig(epochs=6, batch_size=32, bn_batches=1)
-    kw = dict(seed=0, data_cfg=data, noise_cfg=noise, device="cpu")
+    kw = dict(seed=0, device="cpu")
     reference = pretrained_task(bundle, model, recipe, **kw)
 
     def interrupt(row):
@@ -144,3 +144,19 @@ def test_the_recorded_revision_is_marked_dirty_only_when_code_differs_from_it(tm
     assert _git_revision(tmp_path) == head
     (tmp_path / "gex/a.py").write_text("y")
     assert _git_revision(tmp_path) == head + "-dirty"
+
+
+def test_one_cache_keeps_two_noise_rates_apart_without_any_config(tmp_path):
+    """The checkpoint cache is keyed by the data trained on: bundles at noise 0.1 and 0.3 through the library
+    API, with one cache and no configs passed, give two checkpoints (not one theta* reused for both)."""
+    from gex.runs import ArtifactCache
+    model, recipe = ModelConfig("mlp", options={"hidden": 8}), TrainConfig(epochs=1, bn_batches=1)
+    cache = ArtifactCache(tmp_path / "cache")
+    data = DataConfig(name="digits", n_train=100, n_test=30)
+    tasks = [pretrained_task(load_data(data, NoiseConfig(rate=rate), 0), model, recipe, seed=0, device="cpu",
+                             cache=cache) for rate in (0.1, 0.3)]
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*/checkpoint.pt"))) == 2
+    assert tasks[0].cache_spec["train_data"] != tasks[1].cache_spec["train_data"]
+    again = pretrained_task(load_data(data, NoiseConfig(rate=0.3), 0), model, recipe, seed=0, device="cpu",
+                            cache=cache)
+    assert again.pretrain_wall_s == 0.0 and again.cache_spec == tasks[1].cache_spec

@@ -1,8 +1,8 @@
 """Datasets, label noise and the two data views (eval and train): ``load_data(data, noise, seed)``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
 from .core import Augment, Batch, LabeledData, iter_batches, normalize_uint8
 from .noise import NOISE_KINDS, apply_noise, check_noise
@@ -96,11 +96,14 @@ class DataBundle:
         train: noisy-label train split (``y`` noisy, ``y_clean`` original, ``index`` = rows of the full split).
         test: clean test split.
         noise_rate_realized: fraction of train rows whose label changed.
+        provenance: what produced the bundle (dataset choice and sizes, noise kind, rate and seed), for records;
+            caches key on the data itself (``LabeledData.digest``), never on this description.
     """
 
     train: LabeledData
     test: LabeledData
     noise_rate_realized: float
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def _subset(split: LabeledData, n: Optional[int], seed: int) -> LabeledData:
@@ -130,4 +133,14 @@ def load_data(data: DataConfig, noise: NoiseConfig, seed: int) -> DataBundle:
     y = apply_noise(train.y_clean, train.num_classes, noise.kind, noise.rate, noise_seed, dataset=data.name,
                     human_labels=train.extra.get("human_label"))
     train = train.with_labels(y)
-    return DataBundle(train=train, test=test, noise_rate_realized=float(train.is_noisy.float().mean()))
+    provenance = {"data": {k: v for k, v in _fields(data).items() if k not in ("root", "download")},
+                  "noise": {"kind": noise.kind, "rate": noise.rate, "seed": noise_seed}}
+    return DataBundle(train=train, test=test, noise_rate_realized=float(train.is_noisy.float().mean()),
+                      provenance=provenance)
+
+
+def _fields(cfg: Any) -> dict[str, Any]:
+    """A DataConfig (or a DictConfig with its fields) as a plain dict."""
+    if isinstance(cfg, DataConfig):
+        return asdict(cfg)
+    return {name: getattr(cfg, name) for name in DataConfig.__dataclass_fields__ if hasattr(cfg, name)}

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from gex.runs import tensors_digest
+
 __all__ = ["Augment", "LabeledData", "Batch", "iter_batches", "normalize_uint8"]
 
 
@@ -93,6 +95,11 @@ class LabeledData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    def digest(self) -> str:
+        """16 hex digits identifying what a training or evaluation pass sees: inputs, labels, soft targets,
+        weights, original indices (in their order) and the train-view augmentation."""
+        return tensors_digest(self.x, self.y, self.targets, self.weights, self.index) + f"/{self.augment!r}"
 
     def subset(self, rows: Tensor) -> "LabeledData":
         """Rows ``rows`` (in that order), keeping their original indices and masks."""
