@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import gex.method  # noqa: F401  (registers gex, gex_lin and gex_mean_loss)
+
 __all__: list[str] = []
 
 # Import every method module so that ``gex.attribution.METHODS`` is complete.

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.ihvp import arnoldi_iteration, distill
-from gex.influence import hvp, num_params
+from gex.ihvp import arnoldi_iteration, distill, hvp
+from gex.params import num_params
 from gex.projection import MatrixProjector, project_gradients
 from gex.train import batch_stream
 

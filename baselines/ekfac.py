@@ -25,8 +25,18 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData, iter_batches
-from gex.kfac import (FISHER_TYPES, KFACFactors, LayerMap, block_grads, compute_factors, eigendecompose,
-                      eigenvalue_correction, layer_map, layer_signals, rotate)
+from gex.kfac import (
+    FISHER_TYPES,
+    KFACFactors,
+    LayerMap,
+    block_grads,
+    compute_factors,
+    eigendecompose,
+    eigenvalue_correction,
+    layer_map,
+    layer_signals,
+    rotate,
+)
 from gex.utils import progress
 
 __all__ = ["EKFAC", "DAMPING_MODES"]

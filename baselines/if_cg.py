@@ -13,7 +13,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from gex.attribution import InfluenceTask, MethodError, register
-from gex.ihvp import check_curvature, check_hvp_mode, conjugate_gradient, curvature_matvec
+from gex.ihvp import (
+    check_curvature,
+    check_hvp_mode,
+    conjugate_gradient,
+    curvature_matvec,
+)
 from gex.projection import GradientBilinear, Transform
 
 __all__ = ["IFCG"]

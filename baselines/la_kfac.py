@@ -32,9 +32,18 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.influence import linearized_losses, loss_deviations, param_names, per_sample_losses
-from gex.kfac import (FISHER_TYPES, KFACFactors, LayerMap, compute_factors, eigendecompose, layer_map,
-                      split_block)
+from gex.evaluation import linearized_losses, per_sample_losses
+from gex.kfac import (
+    FISHER_TYPES,
+    KFACFactors,
+    LayerMap,
+    compute_factors,
+    eigendecompose,
+    layer_map,
+    split_block,
+)
+from gex.method import loss_deviations
+from gex.params import param_names
 from gex.train import batch_stream
 from gex.utils import progress
 

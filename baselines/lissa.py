@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from gex.attribution import MethodError, register
-from gex.ihvp import check_curvature, check_hvp_mode, curvature_block, curvature_matvec, lissa_recursion
+from gex.ihvp import (
+    check_curvature,
+    check_hvp_mode,
+    curvature_block,
+    curvature_matvec,
+    lissa_recursion,
+)
 from gex.projection import GradientBilinear, Transform
 from gex.train import batch_stream
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gex.attribution import Attributor, MethodError, register
 from gex.data import LabeledData
-from gex.influence import per_sample_losses
+from gex.evaluation import per_sample_losses
 
 __all__ = ["Loss"]
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.influence import num_params
+from gex.params import num_params
 from gex.projection import GaussianProjector, project_gradients
 
 __all__ = ["RandProj"]

@@ -13,8 +13,13 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.projection import (WEIGHTINGS, gradient_cross_products, gradient_self_products, trajectory_weights,
-                            using_state)
+from gex.projection import (
+    WEIGHTINGS,
+    gradient_cross_products,
+    gradient_self_products,
+    trajectory_weights,
+    using_state,
+)
 from gex.train import clone_model
 
 __all__ = ["TracIn"]

@@ -16,8 +16,13 @@ from torch import Tensor
 
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData
-from gex.influence import num_params
-from gex.projection import WEIGHTINGS, GaussianProjector, project_trajectory, trajectory_weights
+from gex.params import num_params
+from gex.projection import (
+    WEIGHTINGS,
+    GaussianProjector,
+    project_trajectory,
+    trajectory_weights,
+)
 from gex.train import clone_model
 
 __all__ = ["TracInRP"]

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 from gex.attribution import Attributor, InfluenceTask, MethodError, register
 from gex.data import LabeledData, iter_batches
 from gex.distributed import gather_rows, shard_rows
-from gex.influence import model_state, num_params
+from gex.params import model_state, num_params
 from gex.projection import GaussianProjector, using_state
 from gex.train import clone_model
 from gex.utils import progress

@@ -1,6 +1,6 @@
 """Per-sample-gradient paths side by side on cnn_small at 28x28 (P ~ 84k): our hooks, ``vmap(grad)``, Opacus.
 
-    python bench/grads.py [--n 2000] [--chunk 256] [--repeats 3] [--threads 2]
+    python -m bench.grads [--n 2000] [--chunk 256] [--repeats 3] [--threads 2]
 
 One process, random inputs (the cost does not depend on the values): every path is warmed up on one chunk (the
 first ``vmap`` imports torch._dynamo, seconds), then the repeats are interleaved across paths and the median is
@@ -10,16 +10,13 @@ runs on the BN-frozen copy only. ``python -m experiments.bench`` runs the same c
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.bench import GRAD_PATHS, compare_grad_paths, freeze_norm_layers, markdown_table  # noqa: E402
-from gex.models import build_model  # noqa: E402
-from gex.utils import seed_everything  # noqa: E402
+from bench.grad_paths import GRAD_PATHS, compare_grad_paths, freeze_norm_layers
+from bench.tables import markdown_table
+from gex.models import build_model
+from gex.utils import seed_everything
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """Our methods against installed peer libraries on one tiny model: wall time ratio and Spearman of self-influence.
 
-    python -m experiments.bench bench.peers=true [bench.peer_n=200]      (or: python bench/peers.py [--n 200])
+    python -m experiments.bench bench.peers=true [bench.peer_n=200]      (or: python -m bench.peers [--n 200])
 
 Pairs: ``tracin`` vs captum ``TracInCP``; ``if_cg`` / ``lissa`` / ``arnoldi`` / ``trak`` vs dattri's
 ``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi`` / ``TRAKAttributor``; ``ekfac`` vs kronfluence's
 EK-FAC. The tiny model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory
 checkpoints), small enough for every peer's default path. Each side is timed from construction to the scores
 (our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) over ``repeats`` rounds that alternate
-ours and the peer's after an untimed warm-up of both (``experiments.bench.alternate``): ``ours_s`` and ``peer_s`` are
+ours and the peer's after an untimed warm-up of both (``bench.timing.alternate``): ``ours_s`` and ``peer_s`` are
 medians, ``peer_time_ratio`` = peer median / ours (above 1: the peer is slower), ``peer_time_ratio_min`` / ``_max``
 the range of the per-round ratios (drift of the machine's load shows there). Options are matched where the libraries
 expose them (damping, iterations, projection size, checkpoint weights); stochastic ones (LiSSA batches, random
@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.tables import markdown_table
+from bench.timing import alternate, median_ratios
 from gex.attribution import METHODS, InfluenceTask, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig
@@ -213,7 +215,6 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores."""
     from scipy.stats import spearmanr
 
-    from experiments.bench import alternate, median_ratios
     label, module, adapter = PAIRS[name]
     row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train), "repeats": repeats}
     if name not in METHODS:
@@ -257,12 +258,10 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[
     """
     if repeats < 1:
         raise ValueError(f"peer_table: repeats={repeats} must be a positive integer (bench.peer_repeats, --repeats)")
-    from experiments.bench import method_options as load_options
-    from experiments.tasks import register_methods
-    register_methods()
+    import baselines  # noqa: F401  (registers every method)
     task = tiny_task(n, seed, device)
     overrides = method_options or {}
-    rows = [_pair(task, name, load_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})), repeats)
+    rows = [_pair(task, name, method_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})), repeats)
             for name in PAIRS]
     return pd.DataFrame(rows)
 
@@ -278,5 +277,4 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pair (ours and peer alternating)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from experiments.bench import markdown_table
     print(markdown_table(peer_table(args.n, repeats=args.repeats)))

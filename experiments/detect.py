@@ -9,6 +9,7 @@ of the mislabeled samples theta* predicts as their noisy label) and ``auroc_nois
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -16,14 +17,43 @@ import torch
 from omegaconf import DictConfig
 
 from experiments import plots
-from experiments.common import RunLogger, UsageError, entry_point
-from experiments.tasks import (TaskRun, check_scores, detection_by_fit, detection_metrics, finish_run, record_fields,
-                               start_run, task_config)
+from experiments.launch import entry_point
+from experiments.metrics import (
+    SCORE_KINDS,
+    check_scores,
+    detection_by_fit,
+    detection_metrics,
+)
+from experiments.scaffold import (
+    RunLogger,
+    TaskRun,
+    UsageError,
+    finish_run,
+    record_fields,
+    start_run,
+    task_config,
+)
 from gex.data import DataBundle
 from gex.pipeline import fitted_train_samples
 from gex.utils import stage_timer
 
 __all__ = ["run"]
+
+@dataclass
+class DetectConfig:
+    """``task=detect`` (SPEC B3.2).
+
+    Attributes:
+        name: ``detect``.
+        score: ``self`` = self-influence; ``cross`` = -(influence on the mean test loss), as the authors.
+    """
+
+    name: str = "detect"
+    score: str = "self"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_KINDS:
+            raise UsageError(f"task.score={self.score!r} is unknown; valid choices: {list(SCORE_KINDS)}")
 
 
 def _has_noise(bundle: DataBundle | None) -> None:
@@ -54,7 +84,7 @@ def _plot(scores: torch.Tensor, noisy: torch.Tensor, metrics: dict, score: str, 
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Fit the method, score the training set, and write the detection record; returns the metrics."""
-    opts = task_config(cfg.task, "detect")
+    opts = task_config(cfg.task, "detect", DetectConfig)
     if cfg.noise.kind == "none":
         _has_noise(None)
     pairwise = ("task.score=cross", "set task.score=self") if opts.score == "cross" else None

@@ -39,9 +39,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import plots
-from experiments.common import (RunLogger, RunRecord, UsageError, entry_point, load_task, settings_from, typed_config,
-                                versions)
-from experiments.tasks import has_pairwise, register_methods, retrain_recipe
+from experiments.launch import entry_point
+from experiments.retrain import retrain_recipe
+from experiments.scaffold import (
+    RunLogger,
+    RunRecord,
+    UsageError,
+    has_pairwise,
+    load_task,
+    register_methods,
+    settings_from,
+    typed_config,
+    versions,
+)
 from gex import groundtruth as gt
 from gex.attribution import METHODS, InfluenceTask, MethodError, build_method
 from gex.models import MODELS, ModelConfig

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-__all__ = ["FORMATS", "as_numpy", "save_figure", "plot_self_influence_hist", "plot_self_influence_panel",
+__all__ = ["FORMATS", "as_numpy", "save_figure", "plot_self_influence_hist", "plot_self_influence_panel", "plot_accuracy_cost",
            "found_curve", "plot_detection_curve", "plot_pruning_curves", "plot_relabel_bars", "plot_cost_quality",
            "plot_toy_panel", "plot_groundtruth_scatter"]
 
@@ -302,6 +302,37 @@ def plot_cost_quality(points: Mapping[str, tuple[Sequence[float], Sequence[float
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_accuracy_cost(lines: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[str]]],
+                       refs: Mapping[str, tuple[float, float, float]], title: str, path: str | Path) -> list[Path]:
+    """AUROC and AP against wall seconds (log axis): one line per setting, reference methods as stars.
+
+    Args:
+        lines: label -> ``(seconds, aurocs, aps, point labels)`` along the line (e.g. over ensemble sizes).
+        refs: method -> ``(seconds, auroc, ap)``.
+        title: figure title.
+        path: output stem.
+
+    Returns:
+        ``[png, pdf]``.
+    """
+    fig, axes = _grid(2, 2)
+    for ax, which, name in ((axes[0], 1, "AUROC"), (axes[1], 2, "AP")):
+        for label, line in lines.items():
+            ax.plot(line[0], line[which], marker="o", markersize=3, label=label)
+            for x, y, text in zip(line[0], line[which], line[3]):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(2, 2), fontsize=5)
+        for method, point in refs.items():
+            ax.plot([point[0]], [point[which]], marker="*", markersize=9, linestyle="none", label=method)
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("wall seconds (fit + score)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 

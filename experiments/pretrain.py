@@ -12,7 +12,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments.common import RunLogger, RunRecord, entry_point, load_task, settings_from, versions
+from experiments.launch import entry_point
+from experiments.scaffold import (
+    RunLogger,
+    RunRecord,
+    load_task,
+    settings_from,
+    versions,
+)
 from gex.pipeline import pretrain_metrics
 from gex.utils import peak_mem_mb
 

@@ -9,23 +9,92 @@ retrain as ``test_acc_at_0`` = ``random.test_acc_at_0``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from experiments import plots
-from experiments.common import RunLogger, entry_point
-from experiments.tasks import (PruneConfig, cached_value, check_scores, finish_run, n_removed, pct_label, prune_rows,
-                               random_prune_rows, ranking_order, record_fields, retrain_recipe, retrain_test_acc,
-                               start_run, task_config, unchanged_test_acc)
+from experiments.launch import entry_point
+from experiments.metrics import check_scores, ranking_order
+from experiments.retrain import (
+    cached_value,
+    check_retrain_epochs,
+    retrain_recipe,
+    retrain_test_acc,
+    unchanged_test_acc,
+)
+from experiments.scaffold import (
+    RunLogger,
+    UsageError,
+    finish_run,
+    record_fields,
+    start_run,
+    task_config,
+)
 from gex.attribution import InfluenceTask
 from gex.data import DataBundle
 from gex.train import TrainConfig
 from gex.utils import stage_timer
 
 __all__ = ["run"]
+
+RANDOM_PRUNE_SALT = 0x9A7     # the random-pruning reference's stream
+
+
+@dataclass
+class PruneConfig:
+    """``task=prune`` (SPEC B3.4): remove the lowest self-influence fraction, retrain, compare with random.
+
+    Attributes:
+        name: ``prune``.
+        fractions: fractions of the training set removed, each in (0, 1), distinct as integer percents.
+        retrain_epochs: epochs of every retrain (steps sized to what remains); null = the pretraining recipe's.
+    """
+
+    name: str = "prune"
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
+    retrain_epochs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not self.fractions:
+            raise UsageError("task.fractions is empty; give fractions removed in (0, 1), e.g. [0.1,0.2]")
+        for frac in self.fractions:
+            if not 0.0 < float(frac) < 1.0:
+                raise UsageError(f"task.fractions contains {frac}: each fraction removed must lie in (0, 1)")
+        labels = [pct_label(f) for f in self.fractions]
+        if len(set(labels)) != len(labels):
+            raise UsageError(f"task.fractions={list(self.fractions)} repeats an integer percent ({labels})")
+        check_retrain_epochs(self.retrain_epochs)
+
+
+def pct_label(frac: float) -> int:
+    """A fraction as the integer percent used in metric names (``test_acc_at_<pct>``)."""
+    return int(round(float(frac) * 100))
+
+
+def n_removed(n: int, frac: float) -> int:
+    k = int(round(frac * n))
+    if not 0 < k < n:
+        raise UsageError(f"task.fractions: removing {frac} of {n} samples leaves {n - k}; choose fractions in (0, 1)")
+    return k
+
+
+def prune_rows(scores: Tensor, frac: float, seed: int = 0) -> Tensor:
+    """Rows kept after removing the ``round(frac * n)`` lowest scores (seeded tie-break), ascending ``(n - k,)``."""
+    k = n_removed(len(scores), frac)
+    return ranking_order(scores, descending=False, seed=seed)[k:].sort().values
+
+
+def random_prune_rows(n: int, frac: float, seed: int) -> Tensor:
+    """Rows kept after removing ``round(frac * n)`` rows uniformly at random (seeded), ascending ``(n - k,)``."""
+    k = n_removed(n, frac)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + RANDOM_PRUNE_SALT))
+    return perm[k:].sort().values
 
 log = logging.getLogger("gex")
 
@@ -57,7 +126,7 @@ def _plot(metrics: dict, opts: PruneConfig, method: str, path: Path) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Fit, score, prune at every fraction, retrain, and write the pruning record; returns the metrics."""
-    opts = task_config(cfg.task, "prune")
+    opts = task_config(cfg.task, "prune", PruneConfig)
 
     def check(bundle: DataBundle) -> None:  # every fraction must leave something on this dataset
         for frac in opts.fractions:

@@ -9,20 +9,126 @@ fresh model from theta*'s initialization is retrained with the same recipe. Reco
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import hydra
+import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch import Tensor
 
 from experiments import plots
-from experiments.common import RunLogger, entry_point
-from experiments.tasks import (RelabelConfig, TaskRun, accuracy, cached_value, check_scores, finish_run, flag_metrics,
-                               model_probs, otsu_flags, record_fields, relabeled_data, retrain_recipe, retrain_test_acc,
-                               start_run, task_config, unchanged_test_acc)
-from gex.train import TrainConfig
+from experiments.launch import entry_point
+from experiments.metrics import accuracy, check_scores, flag_metrics
+from experiments.retrain import (
+    cached_value,
+    check_retrain_epochs,
+    retrain_recipe,
+    retrain_test_acc,
+    unchanged_test_acc,
+)
+from experiments.scaffold import (
+    RunLogger,
+    TaskRun,
+    UsageError,
+    finish_run,
+    record_fields,
+    start_run,
+    task_config,
+)
+from gex.attribution import InfluenceTask
+from gex.data import LabeledData
+from gex.train import TrainConfig, eval_logits
 from gex.utils import stage_timer
 
 __all__ = ["run"]
+
+RELABEL_MODES = ("rdia", "drop", "soft_all", "oracle")
+
+RDIA_EPS = 1e-12              # the authors' guard inside the RDIA logarithms (SPEC B3.3)
+
+
+@dataclass
+class RelabelConfig:
+    """``task=relabel`` (SPEC A3, B3.3).
+
+    Attributes:
+        name: ``relabel``.
+        mode: ``rdia`` (Otsu-flagged samples get the RDIA soft target), ``drop`` (flagged removed), ``soft_all``
+            (every sample gets theta*'s probabilities: the authors' HEAD), ``oracle`` (true labels).
+        retrain_epochs: epochs of every retrain; null = the pretraining recipe's.
+    """
+
+    name: str = "relabel"
+    mode: str = "rdia"
+    retrain_epochs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in RELABEL_MODES:
+            raise UsageError(f"task.mode={self.mode!r} is unknown; valid choices: {list(RELABEL_MODES)}")
+        check_retrain_epochs(self.retrain_epochs)
+
+
+def otsu_flags(scores: Tensor) -> tuple[Tensor, float]:
+    """Flags ``scores > threshold_otsu(scores)`` (skimage, 256 bins) as bool ``(n,)``, and the threshold."""
+    from skimage.filters import threshold_otsu
+    values = scores.detach().double().cpu()
+    threshold = float(threshold_otsu(values.numpy()))
+    return values > threshold, threshold
+
+
+def model_probs(task: InfluenceTask) -> Tensor:
+    """theta*'s eval-mode probabilities on the training set ``(n, K)``: softmax (``ce``) or sigmoid (``bce``)."""
+    logits = eval_logits(task.model, task.train).double()
+    return logits.softmax(-1) if task.loss == "ce" else logits.sigmoid()
+
+
+def rdia_targets(probs: Tensor, y: Tensor) -> Tensor:
+    """RDIA soft targets (SPEC B3.3): y'_y = 0, y'_k = ln((1-p_y)^(1/(K-1)) + e) / (ln(p_k + e) + e), e = 1e-12.
+
+    Their cross-entropy ``-sum_k y'_k ln p_k`` equals ``-ln(1 - p_y)``: the loss pushes mass off the given label.
+    The targets do not sum to 1.
+
+    Args:
+        probs: softmax probabilities ``(n, K)``.
+        y: the given (possibly noisy) labels ``(n,)``.
+
+    Returns:
+        ``(n, K)`` float64.
+    """
+    p = probs.double()
+    y = y.to(p.device).long()[:, None]
+    p_y = p.gather(1, y)
+    numerator = torch.log((1.0 - p_y).clamp_min(0.0) ** (1.0 / (p.shape[1] - 1)) + RDIA_EPS)
+    targets = numerator / (torch.log(p + RDIA_EPS) + RDIA_EPS)
+    return targets.scatter(1, y, 0.0)
+
+
+def relabeled_data(mode: str, train: LabeledData, probs: Tensor, flags: Tensor, loss: str) -> LabeledData:
+    """The training set of a relabel retrain.
+
+    Args:
+        mode: one of ``RELABEL_MODES``.
+        train: the noisy training set.
+        probs: theta*'s probabilities ``(n, K)`` (softmax for ``ce``, sigmoid for ``bce``).
+        flags: bool ``(n,)`` Otsu flags.
+        loss: ``ce`` (flagged get RDIA targets) or ``bce`` (flagged get the sigmoid probabilities).
+    """
+    device, flags = train.x.device, flags.cpu()
+    if mode == "oracle":
+        return train.with_labels(train.y_clean)
+    if mode == "drop":
+        if bool(flags.all()):
+            raise UsageError("task.mode=drop: Otsu flagged every sample, nothing left to train on")
+        return train.rows_where(~flags)
+    if mode == "soft_all":
+        return replace(train, targets=probs.float().to(device))
+    targets = F.one_hot(train.y.cpu(), train.num_classes).double()
+    soft = rdia_targets(probs, train.y.cpu()) if loss == "ce" else probs.double()
+    targets[flags] = soft.cpu()[flags]
+    return replace(train, targets=targets.float().to(device))
 
 METHOD_FREE_MODES = ("soft_all", "oracle")   # their retrain ignores the scores: cache it across methods
 
@@ -42,7 +148,7 @@ def _relabel_acc(opts: RelabelConfig, run_: TaskRun, flags, recipe: TrainConfig)
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Fit, flag, relabel, retrain, and write the relabel record; returns the metrics."""
-    opts = task_config(cfg.task, "relabel")
+    opts = task_config(cfg.task, "relabel", RelabelConfig)
     run_ = start_run(cfg, run_dir, logger)
     task, method, device = run_.task, run_.method, run_.settings.device
     with stage_timer(run_.times, "score", device):

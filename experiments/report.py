@@ -47,7 +47,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import plots
-from experiments.common import RunLogger, UsageError, entry_point, versions
+from experiments.launch import entry_point
+from experiments.scaffold import RunLogger, UsageError, versions
 from gex.runs import ArtifactError, atomic_write_text, load_artifact
 
 __all__ = ["REQUIRED", "TABLES", "TableSpec", "Cell", "Table", "load_runs", "long_metrics", "pool_seeds",

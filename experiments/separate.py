@@ -15,21 +15,90 @@ influence. A method without a pairwise form needs ``task.cross=false`` (self-inf
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from experiments import plots
-from experiments.common import RunLogger, UsageError, entry_point
-from experiments.tasks import (SeparateConfig, TaskRun, check_scores, finish_run, minority_mask, ranking_metrics,
-                               ranking_order, record_fields, retrain_recipe, retrain_test_acc, rows_where, start_run,
-                               task_config, unchanged_test_acc, upweighted)
-from gex.data import DataBundle
+from experiments.launch import entry_point
+from experiments.metrics import (
+    SCORE_KINDS,
+    check_scores,
+    ranking_metrics,
+    ranking_order,
+)
+from experiments.retrain import (
+    check_retrain_epochs,
+    retrain_recipe,
+    retrain_test_acc,
+    unchanged_test_acc,
+)
+from experiments.scaffold import (
+    RunLogger,
+    TaskRun,
+    UsageError,
+    finish_run,
+    record_fields,
+    start_run,
+    task_config,
+)
+from gex.data import DataBundle, LabeledData
 from gex.utils import stage_timer
 
 __all__ = ["run"]
+
+@dataclass
+class SeparateConfig:
+    """``task=separate`` (SPEC A4, B3.5; the protocol is ours).
+
+    Attributes:
+        name: ``separate``.
+        cross: also rank by influence on the minority test loss (needs a method with a pairwise form).
+        upweight: loss weight of the up-weighted samples in the retrain (others weigh 1).
+        upweight_frac: fraction of the training set up-weighted; null = the realized minority fraction.
+        upweight_by: ``self`` or ``cross`` ranking; null = ``cross`` when ``cross`` is on, else ``self``.
+        retrain_epochs: epochs of both retrains; null = the pretraining recipe's.
+    """
+
+    name: str = "separate"
+    cross: bool = True
+    upweight: float = 5.0
+    upweight_frac: Optional[float] = None
+    upweight_by: Optional[str] = None
+    retrain_epochs: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.upweight <= 0:
+            raise UsageError(f"task.upweight={self.upweight} must be positive")
+        if self.upweight_frac is not None and not 0.0 < self.upweight_frac < 1.0:
+            raise UsageError(f"task.upweight_frac={self.upweight_frac} must lie in (0, 1) or be null")
+        if self.upweight_by is None:
+            self.upweight_by = "cross" if self.cross else "self"
+        if self.upweight_by not in SCORE_KINDS:
+            raise UsageError(f"task.upweight_by={self.upweight_by!r} is unknown; valid choices: {list(SCORE_KINDS)}")
+        if self.upweight_by == "cross" and not self.cross:
+            raise UsageError("task.upweight_by=cross needs task.cross=true")
+        check_retrain_epochs(self.retrain_epochs)
+
+
+def minority_mask(split: LabeledData, data_name: str) -> Tensor:
+    """Bool ``(n,)`` CPU mask of the minority-source rows; data without two sources is a one-line error."""
+    if "is_minority" not in split.extra:
+        raise UsageError(f"task=separate needs data with two sources (extra['is_minority']); data={data_name} "
+                         f"has none; use data=mixed")
+    return split.extra["is_minority"].cpu().bool()
+
+
+def upweighted(train: LabeledData, rows: Tensor, factor: float) -> LabeledData:
+    """``train`` with loss weight ``factor`` on ``rows`` and 1 elsewhere (``LabeledData.weights``)."""
+    weights = torch.ones(len(train), dtype=torch.float32)
+    weights[rows.cpu()] = float(factor)
+    return replace(train, weights=weights.to(train.x.device))
 
 LABELS = ("majority", "minority")
 
@@ -82,12 +151,12 @@ def _plot(scores: dict[str, torch.Tensor], is_min: torch.Tensor, metrics: dict, 
 
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Fit, rank, up-weight, retrain, and write the separation record; returns the metrics."""
-    opts = task_config(cfg.task, "separate")
+    opts = task_config(cfg.task, "separate", SeparateConfig)
     pairwise = ("task.cross=true", "set task.cross=false to rank by self-influence only") if opts.cross else None
     run_ = start_run(cfg, run_dir, logger, pairwise=pairwise, check=_check(cfg.data.name))
     task, method, device = run_.task, run_.method, run_.settings.device
     is_min = minority_mask(task.train, cfg.data.name)
-    test_min = rows_where(task.test, minority_mask(task.test, cfg.data.name))
+    test_min = task.test.rows_where(minority_mask(task.test, cfg.data.name))
     with stage_timer(run_.times, "score", device):
         scores = _scores(run_, opts, test_min)
     metrics = ranking_metrics(scores["self"], is_min, "separate (is_minority)")

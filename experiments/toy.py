@@ -37,11 +37,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import plots
-from experiments.common import (RunLogger, RunRecord, UsageError, entry_point, load_task, settings_from, typed_config,
-                                versions)
-from experiments.tasks import ranking_metrics, register_methods
+from experiments.launch import entry_point
+from experiments.metrics import ranking_metrics
+from experiments.scaffold import (
+    RunLogger,
+    RunRecord,
+    UsageError,
+    load_task,
+    register_methods,
+    settings_from,
+    typed_config,
+    versions,
+)
 from gex.attribution import InfluenceTask, MethodError, build_method
-from gex.influence import per_sample_losses
+from gex.evaluation import per_sample_losses
 from gex.train import train
 from gex.utils import peak_mem_mb, progress, stage_timer
 

@@ -38,8 +38,19 @@ from torch import Tensor
 from gex.attribution import InfluenceTask
 from gex.distributed import barrier, world_info
 from gex.runs import atomic_save, load_artifact
-from gex.train import (TrainConfig, batch_stream, clone_model, sgd_steps, snapshot, speed_of, stack_states,
-                       stacked_sgd_steps, stacked_update_bn, unstack_state, update_bn)
+from gex.train import (
+    TrainConfig,
+    batch_stream,
+    clone_model,
+    sgd_steps,
+    snapshot,
+    speed_of,
+    stack_states,
+    stacked_sgd_steps,
+    stacked_update_bn,
+    unstack_state,
+    update_bn,
+)
 
 __all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "run_cycles", "cycle_recipe",
            "member_start", "member_chain", "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
@@ -153,7 +164,7 @@ def run_cycle(task: InfluenceTask, cfg: EnsembleConfig, start: State, index: int
     """
     model = clone_model(task.model)
     model.load_state_dict(start)
-    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe))
+    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe) if task.recipe is not None else {})
     stream = batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * index),
                           task.device)
     sgd_steps(model, stream, cfg.ft_step, recipe, on_step=on_step, desc=f"ensemble member {index}")
@@ -184,7 +195,7 @@ def run_cycles(task: InfluenceTask, cfg: EnsembleConfig, starts: list[State], in
         ValueError: the pretraining recipe asks for ``channels_last`` or ``compile`` (not run under vmap).
     """
     model = clone_model(task.model)  # a container for functional_call: its own weights are not used
-    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe))
+    recipe = replace(cycle_recipe(cfg, task.loss), **speed_of(task.recipe) if task.recipe is not None else {})
     stacked = stack_states(model, starts, task.device)
     streams = [batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * i),
                             task.device) for i in indices]

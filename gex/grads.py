@@ -1,4 +1,5 @@
-"""Fast per-sample gradients: per-layer rules for Linear / Conv2d / eval-mode BatchNorm, ``vmap(grad)`` otherwise.
+"""Fast per-sample gradients: per-layer rules for Linear / Conv2d / eval-mode BatchNorm, ``vmap(grad)`` otherwise;
+the streaming of per-sample gradients in chunks, and the gradient of the mean loss.
 
 The hooks path runs one batched forward with forward hooks that keep each supported layer's input and output,
 then one ``autograd.grad`` of the loss *summed* over the batch with respect to those outputs (so sample i's
@@ -9,8 +10,8 @@ Each layer's per-sample parameter gradients follow in closed form (as Opacus and
 - Conv2d: the input unfolded into columns (im2col), then ``dW_i = G_i U_i^T`` per group, ``db_i`` = sum over pixels;
 - BatchNorm in eval mode (a fixed per-channel affine map): ``dw_i = sum_pix g_i * x_hat_i``, ``db_i = sum_pix g_i``.
 
-Samples must not interact in the forward (eval-mode BN, no batch statistics), as in ``gex.influence``'s
-``vmap(grad)`` reference, which stays the tested ground truth and the fallback for any other parameterized
+Samples must not interact in the forward (eval-mode BN, no batch statistics), as in this module's
+``vmap(grad)`` reference (``per_sample_grads``), which stays the tested ground truth and the fallback for any other parameterized
 module, for shared parameters and for a layer called twice.
 
     g = per_sample_grads_fast(model, x, y, "ce")          # (b, P), hooks when every layer is supported
@@ -18,17 +19,21 @@ module, for shared parameters and for a layer called twice.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
-from gex.influence import param_names, per_sample_grads
+from gex.data import LabeledData, iter_batches
+from gex.distributed import shard_rows
 from gex.losses import per_sample_loss
+from gex.params import Params, model_device, model_state, num_params, param_names
+from gex.utils import progress
 
-__all__ = ["GRAD_BACKENDS", "HookError", "unsupported_modules", "hooks_supported", "resolve_backend",
-           "per_sample_grads_hooks", "per_sample_grads_fast"]
+__all__ = ["GRAD_BACKENDS", "HookError", "unsupported_modules", "resolve_backend", "per_sample_grads",
+           "per_sample_grads_hooks", "per_sample_grads_fast", "iter_grad_chunks", "loss_grad", "mean_loss_fn"]
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +180,6 @@ def unsupported_modules(model: nn.Module) -> list[str]:
     return reasons
 
 
-def hooks_supported(model: nn.Module) -> bool:
-    """Whether every parameterized module of ``model`` has a per-layer rule (and no parameter is shared)."""
-    return not unsupported_modules(model)
-
-
 def resolve_backend(model: nn.Module, backend: str = "auto") -> str:
     """``hooks`` or ``vmap`` for ``model``: ``auto`` = hooks when supported.
 
@@ -304,7 +304,7 @@ def per_sample_grads_fast(model: nn.Module, x: Tensor, y: Tensor, loss: str = "c
         y: labels ``(b,)``.
         loss: ``ce`` or ``bce``.
         backend: ``auto`` (hooks when every parameterized module has a rule, else ``vmap(grad)``), ``hooks`` or
-            ``vmap`` (``gex.influence.per_sample_grads``, the reference).
+            ``vmap`` (``per_sample_grads``, the reference).
 
     Raises:
         ValueError: unknown backend.
@@ -322,3 +322,80 @@ def per_sample_grads_fast(model: nn.Module, x: Tensor, y: Tensor, loss: str = "c
             _FELL_BACK.add(id(model))
             log.warning("per-sample gradients: %s; falling back to vmap(grad)", err)
         return per_sample_grads(model, x, y, loss)
+
+
+# ------------------------------------------------------------------ the vmap(grad) reference and streaming
+
+def _sample_loss_fn(model: nn.Module, frozen: Params, loss: str) -> Callable[[Params, Tensor, Tensor], Tensor]:
+    def fn(params: Params, x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, (params, frozen), (x.unsqueeze(0),))
+        return per_sample_loss(logits, y.unsqueeze(0), loss).squeeze(0)
+    return fn
+
+
+def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce",
+                     params: Params | None = None) -> Tensor:
+    """Gradients of each sample's eval-mode loss, flattened, shape ``(b, P)`` (``vmap(grad)`` reference path).
+
+    Args:
+        model: in eval mode (BN uses running statistics, so samples do not interact).
+        x: inputs ``(b, ...)``.
+        y: labels ``(b,)``.
+        loss: ``ce`` or ``bce``.
+        params: parameters to differentiate at (default: the model's own).
+    """
+    model.eval()
+    own, frozen = model_state(model)
+    params = own if params is None else params
+    grads = vmap(grad(_sample_loss_fn(model, frozen, loss)), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([grads[n].reshape(len(x), -1) for n in params], dim=1)
+
+
+def iter_grad_chunks(model: nn.Module, data: LabeledData, loss: str = "ce", chunk_size: int = 256,
+                     desc: str = "per-sample grads", grad_backend: str = "auto",
+                     distributed: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Stream per-sample gradients over the eval view.
+
+    Args:
+        model: put in eval mode.
+        data: samples, with labels ``data.y``.
+        loss: ``ce`` or ``bce``.
+        chunk_size: samples per chunk (the gradients do not depend on it).
+        desc: progress-bar label.
+        grad_backend: ``auto`` (per-layer hooks when every parameterized module has a rule, else
+            ``vmap(grad)``), ``hooks`` or ``vmap``; see ``gex.grads``.
+        distributed: under an initialized ``torch.distributed`` group, stream only this rank's contiguous block of
+            rows (``gex.distributed.shard_rows``); gather per-row results with ``gex.distributed.gather_rows``.
+
+    Yields:
+        (rows ``(b,)``: positions in ``data``, gradients ``(b, P)`` on the model's device), in data order.
+    """
+    resolve_backend(model, grad_backend)  # fail on a bad backend before any work
+    device = model_device(model)
+    rows = shard_rows(len(data)) if distributed else None
+    if rows is not None and len(rows) == len(data):
+        rows = None  # one process: no copy of the data
+    part = data if rows is None else data.subset(rows)
+    total = -(-len(part) // chunk_size)
+    for batch in progress(iter_batches(part, chunk_size, device=device), desc=desc, total=total):
+        grads = per_sample_grads_fast(model, batch.x, batch.y, loss, grad_backend)
+        yield (batch.rows if rows is None else rows[batch.rows]), grads
+
+
+def mean_loss_fn(model: nn.Module, frozen: Params, loss: str, x: Tensor, y: Tensor):
+    """``params -> mean loss of the batch (x, y)`` for ``torch.func`` transforms (buffers held in ``frozen``)."""
+    def fn(params: Params) -> Tensor:
+        return per_sample_loss(functional_call(model, (params, frozen), (x,)), y, loss).mean()
+    return fn
+
+
+def loss_grad(model: nn.Module, data: LabeledData, loss: str = "ce", batch_size: int = 1024) -> Tensor:
+    """Gradient of the mean eval-mode loss over ``data``, flat ``(P,)``."""
+    model.eval()
+    params, frozen = model_state(model)
+    total = torch.zeros(num_params(model), device=model_device(model))
+    for batch in iter_batches(data, batch_size, device=model_device(model)):
+        g = grad(mean_loss_fn(model, frozen, loss, batch.x, batch.y))(params)
+        total += torch.cat([g[n].reshape(-1) for n in params]) * len(batch.rows)
+    return total / len(data)
+

@@ -3,7 +3,7 @@ curvature-vector products, conjugate gradients, the LiSSA recursion and Arnoldi 
 
 The curvature is that of the eval-mode (BN running statistics), un-augmented, weight-decay-free mean loss
 ``L(theta) = (1/N) sum_i l_i(theta)`` at the model's parameters (SPEC B2):
-- ``hessian``: ``d^2 L / d theta^2`` (forward-over-reverse products as ``gex.influence.hvp``, or reverse-over-reverse:
+- ``hessian``: ``d^2 L / d theta^2`` (forward-over-reverse products as ````hvp`` below``, or reverse-over-reverse:
   ``HVP_MODES``);
 - ``ggn``: the generalized Gauss-Newton ``(1/N) sum_i J_i^T H_out,i J_i`` (``J_i`` = d logits / d theta,
   ``H_out,i`` = Hessian of the loss in the logits), positive semi-definite for CE and BCE.
@@ -23,10 +23,11 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from gex.attribution import MethodError
 from gex.data import LabeledData, iter_batches
-from gex.influence import model_state, num_params, vector_to_params
+from gex.grads import mean_loss_fn
 from gex.losses import per_sample_loss
+from gex.params import model_device, model_state, num_params, vector_to_params
 
-__all__ = ["CURVATURES", "HVP_MODES", "check_curvature", "check_hvp_mode", "curvature_block", "curvature_matvec",
+__all__ = ["hvp", "CURVATURES", "HVP_MODES", "check_curvature", "check_hvp_mode", "curvature_block", "curvature_matvec",
            "explicit_curvature", "DampedInverse", "conjugate_gradient", "lissa_recursion", "arnoldi_iteration",
            "distill", "top_eigenvalue"]
 
@@ -65,7 +66,7 @@ def curvature_block(model: nn.Module, x: Tensor, y: Tensor, vectors: Tensor, los
         model: eval mode (BN running statistics).
         x: inputs ``(b, ...)``.
         y: labels ``(b,)``.
-        vectors: ``(k, P)`` directions, flat in ``gex.influence`` order.
+        vectors: ``(k, P)`` directions, flat in ``gex.params`` order.
         loss: ``ce`` or ``bce``.
         curvature: ``hessian`` or ``ggn``.
         vec_chunk: rows per ``vmap`` call (bounds memory at ``vec_chunk`` x activations); None = all.
@@ -339,3 +340,20 @@ def top_eigenvalue(matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int
         value = float(v @ w)
         v = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
     return abs(value)
+
+
+def hvp(model: nn.Module, data: LabeledData, vec: Tensor, loss: str = "ce", batch_size: int = 1024) -> Tensor:
+    """Hessian of the mean eval-mode loss over ``data`` times ``vec`` (forward-over-reverse), flat ``(P,)``.
+
+    Pass a one-batch ``LabeledData`` (``data.subset(rows)``) for a stochastic mini-batch HVP.
+    """
+    model.eval()
+    params, frozen = model_state(model)
+    tangent = vector_to_params(model, vec.to(model_device(model)))
+    total = torch.zeros_like(vec, device=model_device(model))
+    for batch in iter_batches(data, batch_size, device=model_device(model)):
+        fn = grad(mean_loss_fn(model, frozen, loss, batch.x, batch.y))
+        _, hv = jvp(fn, (params,), (tangent,))
+        total += torch.cat([hv[n].reshape(-1) for n in params]) * len(batch.rows)
+    return total / len(data)
+

@@ -1,6 +1,6 @@
 """Streamed per-sample-gradient products and Gaussian random projections of them.
 
-Per-sample gradients come from ``gex.influence.iter_grad_chunks`` (eval-mode BN, un-augmented, no weight decay),
+Per-sample gradients come from ``gex.grads.iter_grad_chunks`` (eval-mode BN, un-augmented, no weight decay),
 ``chunk_size`` rows at a time; nothing here holds an N x P matrix:
 - ``gradient_self_products``: ``g_i . T(g_i)`` for every sample, memory O(chunk x P);
 - ``gradient_cross_products``: ``g_train . T(g_test)`` as ``(n_train, n_test)``, streaming the train set once per
@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from gex.attribution import Attributor
 from gex.data import LabeledData
 from gex.distributed import gather_rows
-from gex.influence import iter_grad_chunks, num_params
+from gex.grads import iter_grad_chunks
+from gex.params import num_params
 
 __all__ = ["GaussianProjector", "MatrixProjector", "reduce_grad_rows", "project_gradients", "project_trajectory",
            "using_state", "gradient_self_products", "gradient_cross_products", "GradientBilinear", "WEIGHTINGS",

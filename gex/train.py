@@ -34,7 +34,7 @@ from gex.runs import ArtifactError, atomic_save, load_artifact
 from gex.utils import progress
 
 __all__ = ["TrainConfig", "Checkpoint", "TrainResult", "ResumeFile", "train", "sgd_steps", "lr_at", "update_bn",
-           "eval_logits", "eval_losses", "batch_stream", "snapshot", "clone_model", "make_optimizer",
+           "eval_logits", "batch_stream", "snapshot", "clone_model", "make_optimizer",
            "regularize_and_clip", "check_speed", "speed_of", "SPEED_FIELDS", "Stacked", "stack_states",
            "unstack_state", "stacked_sgd_steps", "stacked_update_bn"]
 
@@ -457,13 +457,6 @@ def eval_logits(model: nn.Module, data: LabeledData, batch_size: int = 1024,
     device = device or next(model.parameters()).device
     model.eval()
     return torch.cat([model(b.x).float().cpu() for b in iter_batches(data, batch_size, device=device)])
-
-
-def eval_losses(model: nn.Module, data: LabeledData, loss: str = "ce", batch_size: int = 1024,
-                device: torch.device | None = None) -> Tensor:
-    """Eval-mode per-sample loss with the labels in ``data.y`` (noisy for the train set), shape ``(n,)``."""
-    logits = eval_logits(model, data, batch_size, device)
-    return per_sample_loss(logits, data.y.cpu(), loss)
 
 
 @dataclass

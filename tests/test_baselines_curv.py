@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import TOL_EXACT, TOL_FLOAT32
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -17,10 +18,10 @@ from torch.func import functional_call, grad, vmap
 import baselines  # noqa: F401  (registers every method)
 from baselines.ekfac import EKFAC
 from baselines.la_kfac import LaKFAC
-from conftest import TOL_EXACT, TOL_FLOAT32
 from gex.attribution import InfluenceTask, MethodError, build_method
 from gex.data import LabeledData
-from gex.influence import model_state, per_sample_losses
+from gex.evaluation import per_sample_losses
+from gex.params import model_state
 from gex.runs import ArtifactCache
 from gex.train import TrainConfig
 

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOL_EXACT
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.func import functional_call
 
 import baselines  # noqa: F401  (registers the methods)
-from conftest import TOL_EXACT
 from gex.attribution import MethodError, build_method
+from gex.grads import per_sample_grads
 from gex.ihvp import explicit_curvature
-from gex.influence import model_state, num_params, params_vector, per_sample_grads, vector_to_params
 from gex.losses import per_sample_loss
+from gex.params import model_state, num_params, params_vector, vector_to_params
 
 torch.set_flush_denormal(True)
 ALPHA = 1.0          # damping of the exactness comparisons (keeps LiSSA's contraction fast)

@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
+from conftest import TOL_EXACT, TOL_FLOAT32
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -20,8 +21,6 @@ from gex.attribution import METHODS, InfluenceTask, MethodError, build_method
 from gex.data import LabeledData
 from gex.runs import ArtifactCache
 from gex.train import TrainConfig
-
-from conftest import TOL_EXACT, TOL_FLOAT32
 
 NOISE_METHODS = ["el2n", "forgetting", "cl", "knn", "loss", "random"]
 MIN_AUROC = 0.6          # every real method must beat chance clearly on digits (measured: 0.94-0.998)

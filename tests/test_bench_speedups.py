@@ -4,13 +4,13 @@ equals the SVD's (and falls back to the SVD where the Gram would lose accuracy);
 still the per-row seeded draws of a fresh generator."""
 import pytest
 import torch
+from conftest import TOL_EXACT
 
 import baselines  # noqa: F401  (registers the methods)
 import baselines.trak as trak_module
-from conftest import TOL_EXACT
 from gex.attribution import MethodError, build_method
-from gex.ihvp import HVP_MODES, curvature_block, curvature_matvec
-from gex.influence import hvp, num_params
+from gex.ihvp import HVP_MODES, curvature_block, curvature_matvec, hvp
+from gex.params import num_params
 from gex.projection import _SEED_STRIDE, GaussianProjector
 
 N_SUB = 40            # train samples of the product checks (tiny_task64: P ~ 470, float64)

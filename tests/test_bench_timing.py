@@ -1,18 +1,12 @@
 """Alternating timing of the speed table and the peer comparison, on fake clocks: the call order (A, B, A, B, ...
 after an untimed warm-up), medians instead of single runs, ratios of the medians and the per-round ratio range.
 No assertion here depends on real timings."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import baselines  # noqa: F401  (registers the methods)
-from experiments import bench
-from experiments.common import UsageError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ (peers) lives at the repo root
-from bench import peers  # noqa: E402
+from bench import methods, peers, timing
+from bench.config import BenchConfig
 
 # scripted seconds per timed round (dyadic: fake-clock differences are exact); a load spike hits A's second
 # round and B's third
@@ -47,20 +41,20 @@ def test_alternate_calls_in_turn_after_a_warm_up_and_keeps_round_order():
         out = fn()
         return clock() - start, out
 
-    runs = bench.alternate({"A": clock.work("A"), "B": clock.work("B")}, 3, timer, warm)
+    runs = timing.alternate({"A": clock.work("A"), "B": clock.work("B")}, 3, timer, warm)
     assert clock.calls == ["warm A", "warm B", "A", "B", "A", "B", "A", "B"]
     assert [r[0] for r in runs["A"]] == A_SECONDS and [r[0] for r in runs["B"]] == B_SECONDS
     assert all(r[1] == "A" for r in runs["A"])
     calls = []
-    bench.alternate({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, 2, lambda fn: (fn(),))
+    timing.alternate({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, 2, lambda fn: (fn(),))
     assert calls == ["A", "B"] * 3                      # default warm-up: each function once, untimed
     calls.clear()
-    bench.alternate({"A": lambda: calls.append("A")}, 2, lambda fn: (fn(),), warmups={})
+    timing.alternate({"A": lambda: calls.append("A")}, 2, lambda fn: (fn(),), warmups={})
     assert calls == ["A", "A"]
 
 
 def test_median_ratios_use_medians_and_report_the_per_round_range():
-    out = bench.median_ratios({"A": A_SECONDS, "B": B_SECONDS}, "A")
+    out = timing.median_ratios({"A": A_SECONDS, "B": B_SECONDS}, "A")
     assert out["A"] == {"median": 1.25, "ratio": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
     assert out["B"]["median"] == 2.5 and out["B"]["ratio"] == 0.5
     rounds = [a / b for a, b in zip(A_SECONDS, B_SECONDS)]          # 0.5, 3.6, 0.15625
@@ -69,20 +63,20 @@ def test_median_ratios_use_medians_and_report_the_per_round_range():
 
 def test_alternate_and_configs_reject_bad_repeats():
     with pytest.raises(ValueError, match="alternate needs repeats >= 1 .* repeats=0"):
-        bench.alternate({"A": lambda: None}, 0, lambda fn: (fn(),))
+        timing.alternate({"A": lambda: None}, 0, lambda fn: (fn(),))
     for key in ("speed_repeats", "peer_repeats"):
-        with pytest.raises(UsageError, match=f"bench.{key}=0 must be a positive integer"):
-            bench.BenchConfig(**{key: 0})
+        with pytest.raises(ValueError, match=f"bench.{key}=0 must be a positive integer"):
+            BenchConfig(**{key: 0})
     with pytest.raises(ValueError, match="peer_table: repeats=0 must be a positive integer"):
         peers.peer_table(20, repeats=0)
 
 
 def test_speed_rows_are_medians_of_alternating_rounds(monkeypatch):
     clock = FakeClock({"A": A_SECONDS, "B": B_SECONDS})
-    monkeypatch.setattr(bench.time, "perf_counter", clock)
-    monkeypatch.setattr(bench.time, "process_time", clock)
-    opts = bench.BenchConfig(speed_repeats=3)
-    rows, first = bench._speed_rows("sgd steps", {"A": clock.work("A"), "B": clock.work("B")}, opts,
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(timing.time, "process_time", clock)
+    opts = BenchConfig(speed_repeats=3)
+    rows, first = methods.speed_rows("sgd steps", {"A": clock.work("A"), "B": clock.work("B")}, opts,
                                     torch.device("cpu"), {}, steps=7)
     assert clock.calls == ["A", "B"] * 3 and first == "A"
     assert [r["setting"] for r in rows] == ["A", "B"] and all(r["what"] == "sgd steps" for r in rows)

@@ -9,8 +9,19 @@ import pytest
 import torch
 
 import gex.data.sources as sources
-from gex.data import (DATASETS, Augment, DataConfig, DataFileError, LabeledData, NoiseConfig, apply_noise,
-                      balanced_subset, iter_batches, load_data, normalize_uint8)
+from gex.data import (
+    DATASETS,
+    Augment,
+    DataConfig,
+    DataFileError,
+    LabeledData,
+    NoiseConfig,
+    apply_noise,
+    balanced_subset,
+    iter_batches,
+    load_data,
+    normalize_uint8,
+)
 from gex.data.sources import read_idx
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -19,9 +19,17 @@ import torch.multiprocessing as mp
 
 from gex import projection
 from gex.data import DataConfig, LabeledData, NoiseConfig, load_data
-from gex.distributed import (DistInfo, distributed_context, env_info, gather_rows, main_first, same_on_ranks,
-                             shard_rows, world_info)
-from gex.influence import iter_grad_chunks
+from gex.distributed import (
+    DistInfo,
+    distributed_context,
+    env_info,
+    gather_rows,
+    main_first,
+    same_on_ranks,
+    shard_rows,
+    world_info,
+)
+from gex.grads import iter_grad_chunks
 from gex.models import ModelConfig, build_model
 from gex.pipeline import pretrained_task
 from gex.runs import ArtifactCache
@@ -144,7 +152,7 @@ def test_misuse_is_one_line_error(monkeypatch):
         env_info()
     with pytest.raises(ValueError, match="shard_rows: need n >= 0 and 0 <= rank < world_size"):
         shard_rows(5, 3, 2)
-    from experiments.common import _dist_timeout_s
+    from experiments.launch import _dist_timeout_s
     monkeypatch.setenv("GEX_DIST_TIMEOUT_S", "soon")
     with pytest.raises(ValueError, match="GEX_DIST_TIMEOUT_S='soon' is not a number of seconds"):
         _dist_timeout_s()
@@ -172,7 +180,9 @@ def _tiny_task(cache_root: str, bundle=None):
 
 def _method_scores(task) -> dict[str, torch.Tensor]:
     """Self-influence of four per-sample-gradient methods and grad_dot's pairwise influence ``(N_TRAIN, N_TEST)``."""
-    from baselines.grad_dot import GradDot  # imported here: spawned ranks import this module, keep that cheap
+    from baselines.grad_dot import (
+        GradDot,  # imported here: spawned ranks import this module, keep that cheap
+    )
     from baselines.randproj import RandProj
     from baselines.tracin import TracIn
     from baselines.tracin_rp import TracInRP
@@ -220,7 +230,7 @@ GEX_OPTIONS = {"num_members": 4, "num_chains": 2, "ft_step": 3, "ft_batch_size":
 
 
 def _gex_scores(task) -> torch.Tensor:
-    from gex.gex import GEX
+    from gex.method import GEX
     return GEX(**GEX_OPTIONS).fit(task).self_influence(task.train)
 
 
@@ -282,8 +292,9 @@ DETECT = ["experiment=smoke", "method=grad_dot", "logger=none", "threads=1"]
 def _single_process_detect(tmp_path: Path) -> tuple[dict, torch.Tensor]:
     """The reference: the same detect run in this process, with its own (cold) cache."""
     from hydra import compose, initialize_config_dir
-    from experiments.common import RunLogger
+
     from experiments.detect import run
+    from experiments.scaffold import RunLogger
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("detect", overrides=[*DETECT, f"paths.cache={tmp_path / 'cache_single'}"])
     run_dir = tmp_path / "single"

@@ -8,8 +8,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gex.ensemble import (CONSTANT_CLIP_NORM, EnsembleConfig, build_ensemble, cycle_recipe, member_start,
-                          run_cycle)
+from gex.ensemble import (
+    CONSTANT_CLIP_NORM,
+    EnsembleConfig,
+    build_ensemble,
+    cycle_recipe,
+    member_start,
+    run_cycle,
+)
 from gex.runs import ArtifactCache
 from gex.train import lr_at, snapshot
 

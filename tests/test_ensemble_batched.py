@@ -8,12 +8,20 @@ from conftest import make_task
 
 from gex.data import LabeledData
 from gex.ensemble import EnsembleConfig, build_ensemble, run_cycle, run_cycles
-from gex.gex import GEX, GEXLin
-from gex.influence import losses_for_states, losses_for_states_batched
+from gex.evaluation import losses_for_states, losses_for_states_batched
+from gex.method import GEX, GEXLin
 from gex.models import build_model
 from gex.runs import ArtifactCache
-from gex.train import (TrainConfig, batch_stream, clone_model, regularize_and_clip, sgd_steps, snapshot,
-                       stack_states, stacked_sgd_steps)
+from gex.train import (
+    TrainConfig,
+    batch_stream,
+    clone_model,
+    regularize_and_clip,
+    sgd_steps,
+    snapshot,
+    stack_states,
+    stacked_sgd_steps,
+)
 
 # float64: vmap only reorders sums, so members agree to rounding after a few dozen steps (measured ~1e-15).
 TOL_F64 = 1e-10

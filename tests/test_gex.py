@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL_EXACT, TOL_FLOAT32
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import gex.gex as gex_module
-from conftest import TOL_EXACT, TOL_FLOAT32
+import gex.method as gex_module
 from gex.attribution import METHODS, InfluenceTask, MethodError, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
-from gex.gex import GEX, ClampRegimeWarning, GEXLin, GEXMeanLoss
+from gex.method import GEX, ClampRegimeWarning, GEXLin, GEXMeanLoss
 from gex.runs import ArtifactCache
 from gex.train import TrainConfig, clone_model, train
 

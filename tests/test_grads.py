@@ -7,19 +7,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TOL_EXACT
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import TOL_EXACT
 from experiments import bench
-from experiments.common import RunLogger
+from experiments.scaffold import RunLogger
 from gex import grads as grads_module
 from gex.data import LabeledData
-from gex.grads import (HookError, per_sample_grads_fast, per_sample_grads_hooks, resolve_backend,
-                       unsupported_modules)
-from gex.influence import iter_grad_chunks, param_names, per_sample_grads
+from gex.grads import (
+    HookError,
+    iter_grad_chunks,
+    per_sample_grads,
+    per_sample_grads_fast,
+    per_sample_grads_hooks,
+    resolve_backend,
+    unsupported_modules,
+)
 from gex.losses import per_sample_loss
 from gex.models import _BasicBlock, _conv_bn_relu, build_model
+from gex.params import param_names
 
 K = 5          # classes
 B = 6          # samples per check

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOL_EXACT, make_task
 from hydra import compose, initialize_config_dir
 from scipy.stats import pearsonr, spearmanr
 
-from conftest import TOL_EXACT, make_task
-from experiments.common import RunLogger, UsageError
 from experiments.groundtruth import GroundTruthConfig, run, select_methods
+from experiments.scaffold import RunLogger, UsageError
 from gex import groundtruth as gt
 from gex.runs import ArtifactCache
 

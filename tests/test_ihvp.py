@@ -1,16 +1,26 @@
 """Curvature primitives against brute force: the explicit Hessian vs ``torch.autograd.functional.hessian``, the
-GGN vs ``J^T H_out J`` from explicit Jacobians, batched products vs ``gex.influence.hvp``, and the solvers (CG,
+GGN vs ``J^T H_out J`` from explicit Jacobians, batched products vs ``gex.ihvp.hvp``, and the solvers (CG,
 LiSSA, Arnoldi + distill, power iteration) vs dense linear algebra on small explicit matrices."""
 import pytest
 import torch
+from conftest import TOL_EXACT
 from torch.func import functional_call
 
-from conftest import TOL_EXACT
 from gex.attribution import MethodError
-from gex.ihvp import (DampedInverse, arnoldi_iteration, conjugate_gradient, curvature_block, curvature_matvec,
-                      distill, explicit_curvature, lissa_recursion, top_eigenvalue)
-from gex.influence import hvp, model_state, num_params, params_vector, vector_to_params
+from gex.ihvp import (
+    DampedInverse,
+    arnoldi_iteration,
+    conjugate_gradient,
+    curvature_block,
+    curvature_matvec,
+    distill,
+    explicit_curvature,
+    hvp,
+    lissa_recursion,
+    top_eigenvalue,
+)
 from gex.losses import per_sample_loss
+from gex.params import model_state, num_params, params_vector, vector_to_params
 
 torch.set_flush_denormal(True)  # denormal weights late in the cosine schedule slow CPUs ~3x
 N_SUB = 40        # train samples in the brute-force Hessian checks (P ~ 470, float64)

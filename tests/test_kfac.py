@@ -6,15 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL_EXACT
 from torch import nn
 
-from conftest import TOL_EXACT
 from gex.attribution import MethodError
 from gex.data import Batch
-from gex.influence import param_names, per_sample_grads
-from gex.kfac import (KFACFactors, compute_factors, eigendecompose, eigenvalue_correction, layer_map,
-                      layer_signals, param_grads, pseudo_grads)
+from gex.grads import per_sample_grads
+from gex.kfac import (
+    KFACFactors,
+    compute_factors,
+    eigendecompose,
+    eigenvalue_correction,
+    layer_map,
+    layer_signals,
+    param_grads,
+    pseudo_grads,
+)
 from gex.models import build_model
+from gex.params import param_names
 
 TOL_MC = 0.06  # relative Frobenius error of a 500-draw MC Fisher factor vs the exact expectation (measured <= 0.026)
 

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import baselines  # noqa: F401  (registers the methods)
 from gex.attribution import build_method
-from gex.influence import num_params
 from gex.losses import per_sample_loss
+from gex.params import num_params
 
 torch.set_flush_denormal(True)
 ALPHA = 1.0          # damping / regularization shared with the peers

@@ -13,8 +13,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from experiments import detect
-from experiments.common import RunLogger, settings_from
-from experiments.tasks import method_from_cfg, task_config
+from experiments.detect import DetectConfig
+from experiments.prune import PruneConfig
+from experiments.relabel import RelabelConfig
+from experiments.scaffold import RunLogger, method_from_cfg, settings_from, task_config
+from experiments.separate import SeparateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -43,6 +46,9 @@ def _header(preset: str) -> tuple[str, str]:
     return comment, match.group(1)
 
 
+TASK_OPTIONS = {"detect": DetectConfig, "relabel": RelabelConfig, "prune": PruneConfig, "separate": SeparateConfig}
+
+
 def test_every_expected_preset_exists():
     assert EXPECTED <= set(PRESETS), sorted(EXPECTED - set(PRESETS))
 
@@ -53,7 +59,7 @@ def test_preset_composes_with_its_entry_point_and_states_a_runtime(preset):
     assert "Expected" in comment and RUNTIME.search(comment), f"{preset}: the opening comment gives no runtime"
     cfg = _compose(job, f"experiment={preset}")
     assert cfg.task.name == job
-    assert task_config(cfg.task, job).name == job
+    assert task_config(cfg.task, job, TASK_OPTIONS[job]).name == job
     method = method_from_cfg(cfg.method)  # a budget key the method does not take would fail here
     assert method.name == "gex"
 
@@ -132,7 +138,7 @@ def test_demo_methods_are_registered_and_configured():
     import re
 
     import baselines  # noqa: F401  (registers every baseline)
-    import gex.gex  # noqa: F401  (registers the GEX family)
+    import gex.method  # noqa: F401  (registers the GEX family)
     from gex.attribution import METHODS
     line = re.search(r"^DEMO_METHODS \?= (.+)$", (ROOT / "Makefile").read_text(), re.M)
     names = line.group(1).split(",")

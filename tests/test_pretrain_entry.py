@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from experiments.common import RunLogger, settings_from
 from experiments.pretrain import run
+from experiments.scaffold import RunLogger, settings_from
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
@@ -127,7 +127,7 @@ def test_an_interrupted_pretraining_continues_from_the_cache_to_the_same_theta(t
 
 
 def test_the_recorded_revision_is_marked_dirty_only_when_code_differs_from_it(tmp_path):
-    from experiments.common import _git_revision
+    from experiments.scaffold import _git_revision
     assert _git_revision(tmp_path) == ""  # not a checkout
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

@@ -3,11 +3,20 @@ V, seeds fix it, projections equal explicit gradients times V, chunk sizes do no
 restore the model."""
 import pytest
 import torch
-
 from conftest import TOL_EXACT
-from gex.influence import num_params, params_vector, per_sample_grads
-from gex.projection import (GaussianProjector, MatrixProjector, gradient_cross_products, gradient_self_products,
-                            project_gradients, project_trajectory, trajectory_weights, using_state)
+
+from gex.grads import per_sample_grads
+from gex.params import num_params, params_vector
+from gex.projection import (
+    GaussianProjector,
+    MatrixProjector,
+    gradient_cross_products,
+    gradient_self_products,
+    project_gradients,
+    project_trajectory,
+    trajectory_weights,
+    using_state,
+)
 from gex.train import clone_model
 
 torch.set_flush_denormal(True)

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from experiments import report
-from experiments.common import UsageError
+from experiments.scaffold import UsageError
 
 TOL = 1e-12          # float64 sums of a few numbers
 ROOT = Path(__file__).resolve().parents[1]

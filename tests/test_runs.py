@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from gex.runs import (ArtifactCache, ArtifactError, ArtifactMismatchError, atomic_save, atomic_write_text,
-                      config_key, load_artifact)
+from gex.runs import (
+    ArtifactCache,
+    ArtifactError,
+    ArtifactMismatchError,
+    atomic_save,
+    atomic_write_text,
+    config_key,
+    load_artifact,
+)
 
 
 def test_config_key_is_stable_under_ordering_and_int_float():

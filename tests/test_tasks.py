@@ -10,20 +10,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import make_task
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from experiments import detect, prune, relabel, separate
-from experiments.common import RunLogger, entry_point
-from experiments.tasks import (PruneConfig, accuracy, detection_by_fit, found_at, has_pairwise, otsu_flags, prune_rows,
-                               random_prune_rows, ranking_order, rdia_targets, register_methods, relabeled_data,
-                               retrain_recipe, retrain_test_acc)
+from experiments.launch import entry_point
+from experiments.metrics import accuracy, detection_by_fit, found_at, ranking_order
+from experiments.prune import PruneConfig, prune_rows, random_prune_rows
+from experiments.relabel import otsu_flags, rdia_targets, relabeled_data
+from experiments.retrain import retrain_recipe, retrain_test_acc
+from experiments.scaffold import RunLogger, has_pairwise, register_methods
 from gex.attribution import Attributor, build_method, register
 from gex.data import DataConfig, NoiseConfig, load_data
-from gex.influence import iter_grad_chunks, loss_grad
+from gex.grads import iter_grad_chunks, loss_grad
 from gex.losses import per_sample_loss
-
-from conftest import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
@@ -174,7 +175,7 @@ def test_an_unchanged_retrain_reproduces_theta_star():
 
 
 def test_retrains_are_cached_by_what_they_see_so_an_interrupted_task_resumes(tmp_path, monkeypatch):
-    from experiments import tasks
+    from experiments import retrain as tasks
     from gex.runs import ArtifactCache
     task = make_task(n_train=100, n_test=40, epochs=2)
     task.cache, task.cache_spec = ArtifactCache(tmp_path / "cache"), {"theta": "star"}

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_task
 from hydra import compose, initialize_config_dir
 
 import experiments.toy as toy
-from conftest import make_task
-from experiments.common import UsageError
-from experiments.tasks import register_methods
+from experiments.scaffold import UsageError, register_methods
 from gex.runs import ArtifactCache
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from gex.data import Batch, LabeledData
+from gex.evaluation import per_sample_losses
 from gex.models import build_model
-from gex.train import TrainConfig, _Recorder, batch_stream, eval_losses, lr_at, sgd_steps, train, update_bn
+from gex.train import (
+    TrainConfig,
+    _Recorder,
+    batch_stream,
+    lr_at,
+    sgd_steps,
+    train,
+    update_bn,
+)
 
 
 def _blobs(n=120, d=5, k=3, seed=0):
@@ -28,13 +37,13 @@ def test_warmup_cosine_and_constant_schedules():
 def test_training_lowers_the_loss_and_is_deterministic():
     data = _blobs()
     cfg = TrainConfig(epochs=15, batch_size=16, lr=0.05, bn_batches=4)
-    before = eval_losses(build_model("mlp", (5,), 3, seed=0, hidden=16), data).mean()
+    before = per_sample_losses(build_model("mlp", (5,), 3, seed=0, hidden=16), data).mean()
     models = []
     for _ in range(2):
         model = build_model("mlp", (5,), 3, seed=0, hidden=16)
         result = train(model, data, cfg, seed=3, device=torch.device("cpu"))
         models.append(model)
-    after = eval_losses(models[0], data).mean()
+    after = per_sample_losses(models[0], data).mean()
     assert after < 0.5 * before
     assert all(torch.equal(p, q) for p, q in zip(models[0].state_dict().values(), models[1].state_dict().values()))
     assert result.history[-1]["train/acc"] >= 0.85 and len(result.history) == 15

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from .core import Augment, Batch, LabeledData, iter_batches, normalize_uint8
+from .core import Augment, Batch, LabeledData, as_labeled_data, iter_batches, normalize_uint8
 from .noise import NOISE_KINDS, apply_noise, check_noise
 from .sources import DATASETS, DataFileError, balanced_subset
 
-__all__ = ["LabeledData", "Augment", "Batch", "iter_batches", "normalize_uint8", "DataConfig", "NoiseConfig",
+__all__ = ["LabeledData", "as_labeled_data", "Augment", "Batch", "iter_batches", "normalize_uint8", "DataConfig", "NoiseConfig",
            "DataBundle", "load_data", "DataFileError", "DATASETS", "apply_noise", "balanced_subset",
            "NOISE_KINDS", "MIXED_SOURCES"]
 

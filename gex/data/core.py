@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gex.runs import tensors_digest
 
-__all__ = ["Augment", "LabeledData", "Batch", "iter_batches", "normalize_uint8"]
+__all__ = ["Augment", "LabeledData", "Batch", "iter_batches", "normalize_uint8", "as_labeled_data"]
 
 
 def normalize_uint8(images: Tensor) -> Tensor:
@@ -109,6 +109,10 @@ class LabeledData:
                        targets=pick(self.targets), weights=pick(self.weights), index=self.index[rows],
                        extra={k: v[rows] for k, v in self.extra.items()})
 
+    def rows_where(self, mask: Tensor) -> "LabeledData":
+        """The rows where the bool ``mask`` ``(n,)`` holds, in original order."""
+        return self.subset(torch.nonzero(mask.cpu()).squeeze(1).to(self.x.device))
+
     def with_labels(self, y: Tensor) -> "LabeledData":
         """The same samples with new training labels (y_clean kept, so ``is_noisy`` follows)."""
         return replace(self, y=torch.as_tensor(y, dtype=torch.long).clone())
@@ -165,3 +169,41 @@ def iter_batches(data: LabeledData, batch_size: int, *, shuffle: bool = False, a
         pick = lambda t: None if t is None else t[rows_d].to(device)  # noqa: E731
         yield Batch(rows=rows, x=x, y=data.y[rows_d].to(device), targets=pick(data.targets),
                     weights=pick(data.weights))
+
+
+def as_labeled_data(data: "LabeledData | tuple[Tensor, Tensor] | torch.utils.data.Dataset", num_classes: int,
+                    name: str = "data", augment: Augment | None = None, batch_size: int = 512) -> LabeledData:
+    """A user's samples as ``LabeledData`` (held in memory; ``y_clean`` = ``y``, nothing is marked noisy).
+
+    Args:
+        data: ``LabeledData`` (returned as is), a pair ``(x, y)`` of tensors, or a ``torch.utils.data.Dataset`` whose
+            items are ``(x, y)`` pairs (read once, in order).
+        num_classes: K.
+        name: for records and messages.
+        augment: the train-view augmentation (e.g. ``Augment(pad=4)`` for images), or None.
+        batch_size: items per read when ``data`` is a Dataset.
+
+    Raises:
+        ValueError: ``data`` is none of the above, the labels are not integers in ``[0, K)``, or x and y differ in
+            length.
+    """
+    if isinstance(data, LabeledData):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    elif isinstance(data, torch.utils.data.Dataset):
+        parts = list(torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False))
+        if not parts or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in parts):
+            raise ValueError(f"{name}: the Dataset's items must be (x, y) pairs")
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([torch.as_tensor(p[1]) for p in parts])
+    else:
+        raise ValueError(f"{name}: give a pair (x, y) of tensors or a torch Dataset of (x, y) pairs, "
+                         f"got {type(data).__name__}")
+    y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dim() != 1 or (len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
+        raise ValueError(f"{name}: labels must be a 1-d integer tensor of classes in [0, {num_classes}) "
+                         f"(the model's output width)")
+    return LabeledData(x=x.float(), y=y.long(), y_clean=y.long().clone(), num_classes=num_classes, name=name,
+                       augment=augment)

@@ -1,4 +1,6 @@
-"""Wiring shared by every entry point: typed configs from Hydra, the W&B logger, run records, one-line errors."""
+"""Run scaffolding shared by every entry point: typed settings from the Hydra config, the method registry, theta*
+as a task, the W&B logger, the run record, and ``start_run`` / ``finish_run`` around a task's own logic.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,33 +9,29 @@ import logging
 import os
 import platform
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
-from gex.attribution import InfluenceTask, MethodError
+from gex.attribution import Attributor, InfluenceTask, MethodError, build_method
 from gex.data import DataBundle, DataConfig, NoiseConfig, load_data
-from gex.distributed import DistInfo, barrier, distributed_context, main_first, same_on_ranks
+from gex.distributed import main_first, same_on_ranks
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
-from gex.runs import ArtifactCache, ArtifactError, atomic_save, atomic_write_text
+from gex.runs import ArtifactCache, atomic_save, atomic_write_text
 from gex.train import TrainConfig
-from gex.utils import resolve_device, seed_everything
+from gex.utils import peak_mem_mb, resolve_device, seed_everything, stage_timer
 
-__all__ = ["Settings", "settings_from", "typed_config", "RunLogger", "RunRecord", "entry_point", "load_task", "UsageError",
-           "versions"]
+__all__ = ["UsageError", "typed_config", "task_config", "Settings", "settings_from", "load_task", "register_methods",
+           "method_from_cfg", "has_pairwise", "require_pairwise", "RunLogger", "RunRecord", "versions", "TaskRun",
+           "start_run", "record_fields", "finish_run"]
 
 log = logging.getLogger("gex")
-
-# Collective timeout under torchrun (seconds): the other ranks wait at a barrier while rank 0 pretrains theta*,
-# so it must exceed the longest pretraining; GEX_DIST_TIMEOUT_S overrides it.
-DIST_TIMEOUT_S = 24 * 3600.0
 
 
 class UsageError(ValueError):
@@ -50,6 +48,14 @@ def typed_config(cls, node: Any, key: str):
     return cls(**values)
 
 
+def task_config(node: Any, job: str, cls: type):
+    """The typed options ``cls`` of ``job`` from ``cfg.task``; a task meant for another entry point is a one-line
+    error."""
+    name = node.get("name") if node is not None else None
+    if name != job:
+        raise UsageError(f"task={name!r} does not fit python -m experiments.{job}; "
+                         f"use task={job}, or python -m experiments.{name} for task={name}")
+    return typed_config(cls, node, "task")
 
 
 @dataclass
@@ -93,6 +99,48 @@ def _fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Sum and sum of squares of every state tensor, float64 ``(2 * len(state_dict),)``: equal models agree."""
     values = [v.detach().double() for v in model.state_dict().values()]
     return torch.stack([v.sum() for v in values] + [v.pow(2).sum() for v in values]).cpu()
+
+
+def register_methods() -> None:
+    """Import every method module, so the registry is complete (baselines/ and the GEX family)."""
+    import baselines  # noqa: F401  (imports each baselines/<method>.py and the GEX family)
+
+
+def method_from_cfg(node: Any) -> Attributor:
+    """``build_method(cfg.method.name, **other keys)``; a bad option is a one-line ``MethodError``."""
+    register_methods()
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    name = values.pop("name", None)
+    try:
+        return build_method(name, **values)
+    except TypeError as err:  # an option the constructor does not take
+        raise MethodError(f"method={name}: {err}; check configs/method/{name}.yaml") from None
+
+
+def has_pairwise(method: Attributor) -> bool:
+    """Whether the method has a pairwise form, decided before any work.
+
+    No override of ``influence``/``influence_on_mean_test`` means none. A subclass may also override them only to
+    refuse (e.g. ``gex_mean_loss``); probing the unfitted method shows that at no cost, since a real pairwise
+    method first asks for ``fit`` (any error other than ``NotImplementedError`` counts as "has one").
+    """
+    cls = type(method)
+    if (cls.influence is Attributor.influence
+            and cls.influence_on_mean_test is Attributor.influence_on_mean_test):
+        return False
+    try:
+        method.influence_on_mean_test(None, None)
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001  (the usual answer before fit: "call fit(task) before scoring")
+        return True
+    return True
+
+
+def require_pairwise(method: Attributor, option: str, fix: str) -> None:
+    """Fail before any work when ``option`` asks a method without a pairwise form for one."""
+    if not has_pairwise(method):
+        raise MethodError(f"{option} needs pairwise influence, which method={method.name} does not have; {fix}")
 
 
 class RunLogger:
@@ -192,86 +240,60 @@ class RunRecord:
         return self.dir / "metrics.json"
 
 
-def _remove_if_empty(path: Path) -> None:
-    try:
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    except OSError:
-        pass
+@dataclass
+class TaskRun:
+    """What ``start_run`` built: typed settings, the run record, the fitted method, the data and theta*."""
+
+    settings: Settings
+    record: RunRecord
+    method: Attributor
+    bundle: DataBundle
+    task: InfluenceTask
+    times: dict[str, float]
+    started: float
 
 
-def _dist_timeout_s() -> float:
-    """``GEX_DIST_TIMEOUT_S`` when set, else ``DIST_TIMEOUT_S``."""
-    value = os.environ.get("GEX_DIST_TIMEOUT_S", "")
-    try:
-        return float(value) if value else DIST_TIMEOUT_S
-    except ValueError:
-        raise UsageError(f"GEX_DIST_TIMEOUT_S={value!r} is not a number of seconds; unset it or give e.g. 7200") from None
+def start_run(cfg: DictConfig, run_dir: Path, logger: RunLogger, *, pairwise: Optional[tuple[str, str]] = None,
+              check: Optional[Callable[[DataBundle], None]] = None) -> TaskRun:
+    """Validate, then load theta* and fit the method (timed into ``times['fit']``).
 
-
-def _run_job(fn: Callable, job: str, cfg: DictConfig, run_dir: Path, info: DistInfo) -> None:
-    """One rank's run: build the logger, call ``fn``, turn bad input into one line and exit status 2.
-
-    Only rank 0 logs to W&B and announces the run directory; the others get a disabled logger.
+    Args:
+        cfg: the composed config.
+        run_dir: the Hydra run directory (refused if it holds a finished run with another config).
+        logger: W&B logger (pretraining curves go there).
+        pairwise: ``(option, fix)`` when the task needs pairwise influence: checked before anything runs.
+        check: called on the data before fitting (e.g. "are there noisy samples?").
     """
-    logger, ok, start = None, False, time.perf_counter()
-    try:
-        logger = RunLogger(cfg, run_dir, job)
-        if not info.is_main:
-            logger.mode = "disabled"
-        metrics = fn(cfg, run_dir, logger)
-        logger.summary(metrics)
-        ok = True
-    except (ValueError, FileNotFoundError, NotImplementedError, ArtifactError, MethodError) as err:
-        print(f"error: {err}" if info.world_size == 1 else f"error (rank {info.rank}): {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        if logger is not None:
-            logger.finish()
-        if ok and info.is_main:
-            print(f"[{job}] done in {time.perf_counter() - start:.1f}s; run written to {run_dir}")
-        elif not ok:
-            _remove_if_empty(run_dir)
+    started = time.perf_counter()
+    settings = settings_from(cfg)
+    record = RunRecord(run_dir, cfg)
+    method = method_from_cfg(cfg.method)
+    if pairwise is not None:
+        require_pairwise(method, *pairwise)
+    bundle, task = load_task(settings, logger)
+    if check is not None:
+        check(bundle)
+    times: dict[str, float] = {}
+    with stage_timer(times, "fit", settings.device):
+        method.fit(task)
+    log.info("[%s] fit in %.1fs", method.name, times["fit"])
+    return TaskRun(settings, record, method, bundle, task, times, started)
 
 
-def _run_other_rank(fn: Callable, job: str, cfg: DictConfig, hydra_dir: Path, info: DistInfo) -> None:
-    """A non-zero rank computes like rank 0 but writes into a scratch folder that is deleted afterwards; the
-    Hydra run directory it was given (its own when the timestamps differ, else rank 0's) is removed if empty."""
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"gex-{job}-rank{info.rank}-") as scratch:
-            _run_job(fn, job, cfg, Path(scratch), info)
-        barrier()  # rank 0 has written its record: a directory shared with it is not empty any more
-    finally:
-        _remove_if_empty(hydra_dir)
+def record_fields(cfg: DictConfig, run: TaskRun, job: str) -> dict[str, Any]:
+    """The fields every task's ``metrics.json`` holds besides its metrics."""
+    s = run.settings
+    return {"method": run.method.name, "data": s.data.name, "model": s.model.name, "seed": s.seed, "task": job,
+            "noise_kind": s.noise.kind, "noise_rate": s.noise.rate, "n_train": len(run.task.train),
+            "wall_s_pretrain": run.task.pretrain_wall_s, "wall_s_fit": run.times.get("fit", 0.0),
+            "wall_s_score": run.times.get("score", 0.0), "wall_s": time.perf_counter() - run.started,
+            "peak_mem_mb": peak_mem_mb(s.device)} | versions()
 
 
-def entry_point(job: str) -> Callable[[Callable[[DictConfig, Path, RunLogger], dict]], Callable[[DictConfig], None]]:
-    """Wrap ``fn(cfg, run_dir, logger) -> metrics`` for ``hydra.main``.
-
-    Bad input (any ``ValueError``/``FileNotFoundError``/``NotImplementedError`` raised while building or running)
-    becomes one line on stderr and exit status 2, and an empty run directory is removed. In ``finally`` W&B is
-    closed and the run directory printed.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1``) a process group is opened around ``fn`` (gloo on CPU, nccl on CUDA
-    with ``cuda`` = this rank's GPU); every rank computes, and only rank 0 writes the run record, its figures and
-    the W&B run (see ``_run_other_rank``).
-    """
-    def wrap(fn):
-        @functools.wraps(fn)
-        def main(cfg: DictConfig) -> None:
-            from hydra.core.hydra_config import HydraConfig
-            loaded_revision()
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            try:
-                with distributed_context(timeout_s=_dist_timeout_s()) as info:
-                    if info.is_main:
-                        _run_job(fn, job, cfg, run_dir, info)
-                        barrier()
-                    else:
-                        _run_other_rank(fn, job, cfg, run_dir, info)
-            except ValueError as err:  # the launch environment (RANK, WORLD_SIZE, MASTER_*); fn's own: _run_job
-                _remove_if_empty(run_dir)
-                print(f"error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
-        return main
-    return wrap
+def finish_run(run: TaskRun, logger: RunLogger, metrics: dict[str, Any], scores: dict[str, Tensor],
+               figures: dict[str, Path]) -> dict[str, Any]:
+    """Log the figures to W&B and write the record (metrics.json last: it marks a finished run)."""
+    for name, path in figures.items():
+        logger.image(name, path)
+    run.record.write(metrics, scores)
+    return metrics

@@ -28,16 +28,35 @@ from torch import Tensor
 from gex.attribution import Attributor, InfluenceTask, register
 from gex.data import LabeledData
 from gex.ensemble import Ensemble, EnsembleConfig, build_ensemble
-from gex.influence import (linearized_losses, loss_deviations, losses_for_states, losses_for_states_batched,
-                           param_names, params_vector, per_sample_losses)
+from gex.evaluation import (
+    linearized_losses,
+    losses_for_states,
+    losses_for_states_batched,
+    per_sample_losses,
+)
+from gex.params import param_names, params_vector
 
-__all__ = ["GEX", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning"]
+__all__ = ["GEX", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning", "loss_deviations"]
 
 log = logging.getLogger(__name__)
 
 
 class ClampRegimeWarning(UserWarning):
     """Most samples' member losses stay below eps: the clamp inverts GEX's ranking (SPEC A5)."""
+
+
+def loss_deviations(member_losses: Tensor, reference: Tensor, eps: float) -> Tensor:
+    """GEX's loss deviations ``L[i, m] - max(l_i(theta*), eps)``, shape ``(n, M)``.
+
+    The clamp applies to the reference only (as the authors): a well-fit sample whose member losses stay small
+    deviates by about ``-eps``, which sets the score floor ``eps**2``.
+
+    Args:
+        member_losses: ``(n, M)`` per-sample losses under each member (or linearized member).
+        reference: ``(n,)`` losses at theta*.
+        eps: the clamp tau (0 disables it).
+    """
+    return member_losses - reference.clamp(min=eps).unsqueeze(1)
 
 
 @register("gex")
