@@ -81,6 +81,7 @@ class ConfidentLearning(Attributor):
     def fit(self, task: InfluenceTask) -> "ConfidentLearning":
         """Train one model per fold and score every training sample from its out-of-fold probabilities."""
         super().fit(task)
+        task.training_recipe(self.name)  # it trains from scratch: refuse a task without a recipe first
         n, k = len(task.train), task.train.num_classes
         self.fold_ids_ = self.fold_ids(task)
         probs = torch.full((n, k), float("nan"), dtype=torch.float64)

@@ -89,6 +89,7 @@ class EL2N(Attributor):
     def fit(self, task: InfluenceTask) -> "EL2N":
         """Train the ``repeats`` short runs (cached per repeat through ``task.cache``)."""
         super().fit(task)
+        task.training_recipe(self.name)  # it trains from scratch: refuse a task without a recipe first
         self.init_seeds_ = [task.derived_seed(_SALT_INIT + r) for r in range(self.repeats)]
         self.states_ = [self._train_repeat(task, r) for r in range(self.repeats)]
         return self

@@ -1,0 +1,218 @@
+"""GEX's accuracy against its cost: ``python -m experiments.gex_curve [seed=<k>] [experiment=<preset>]``.
+
+For each ``ft_step`` in ``curve.ft_steps`` one chain of ``max(curve.members)`` members is built; a chain's first M
+members are exactly the ensemble of ``GEX(num_members=M)``, so one fit gives every M. The wall of a point is
+measured, not modelled: the fit of M members is the sum of the timed cycles of members 1..M (SGD steps and BN
+refresh), and its scoring is the timed theta* pass plus the timed passes of members 1..M. Reference methods
+(``curve.references``, default EL2N, CL and the loss) are fitted and scored in the same process, without the
+artefact cache, so their walls are measured on the same machine state. ``curve.independent`` adds points whose
+members all start from theta* (the ablation).
+
+Writes ``curve.csv`` (one row per point), ``metrics.json`` and, across every record under ``curve.summary_of``,
+the table and figure of ``summarize`` (mean over seeds). See ``docs/gex_cost.md``.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import plots
+from experiments.launch import entry_point
+from experiments.metrics import detection_metrics
+from experiments.scaffold import (
+    RunLogger,
+    RunRecord,
+    UsageError,
+    load_task,
+    method_from_cfg,
+    settings_from,
+    typed_config,
+    versions,
+)
+from gex.attribution import InfluenceTask
+from gex.ensemble import EnsembleConfig, build_ensemble
+from gex.evaluation import per_sample_losses
+from gex.method import loss_deviations
+from gex.runs import atomic_write_text
+from gex.utils import peak_mem_mb
+
+__all__ = ["CurveConfig", "chain_walls", "member_pass_losses", "curve_points", "summarize", "run"]
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class CurveConfig:
+    """Options of ``gex_curve`` (``curve.*``).
+
+    Attributes:
+        members: ensemble sizes M to report; a chain of ``max(members)`` is built per ``ft_step``.
+        ft_steps: SGD steps per cycle.
+        independent: ``[M, ft_step]`` pairs scored with independent members (each from theta*).
+        references: other methods fitted and scored in the same run, as reference points.
+        summary_of: glob of record folders pooled into the table and figure after the run ("" = this run only).
+        summary_out: folder of the pooled table and figure ("" = this run's folder).
+    """
+
+    members: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    ft_steps: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400])
+    independent: list[list[int]] = field(default_factory=list)
+    references: list[str] = field(default_factory=lambda: ["el2n", "cl", "loss"])
+    summary_of: str = ""
+    summary_out: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("members", "ft_steps"):
+            values = getattr(self, key)
+            if not values or any(int(v) < 1 for v in values):
+                raise UsageError(f"curve.{key}={values!r} is invalid; give a non-empty list of positive integers")
+        if any(len(p) != 2 or min(p) < 1 for p in self.independent):
+            raise UsageError(f"curve.independent={self.independent!r} is invalid; give [[M, ft_step], ...]")
+
+
+def chain_walls(task: InfluenceTask, cfg: EnsembleConfig) -> list[float]:
+    """Build the ``cfg.num_members`` members one at a time and return each member's measured cycle seconds.
+
+    The seconds are kept in the artefact cache beside the members, so a resumed or repeated curve reports the
+    walls measured when each member was trained (never the near-zero time of loading it).
+    """
+    spec = {"pretrain": task.cache_spec, "loss": task.loss, "ensemble": cfg.member_spec()}
+    walls = list(task.cache.load("member_walls", spec, "walls") or []) if task.cache is not None else []
+    for m in range(len(walls), cfg.num_members):
+        begin = time.perf_counter()
+        build_ensemble(task, replace(cfg, num_members=m + 1))
+        walls.append(time.perf_counter() - begin)
+        if task.cache is not None:
+            task.cache.save("member_walls", spec, "walls", walls)
+    return walls[:cfg.num_members]
+
+
+def member_pass_losses(task: InfluenceTask, ensemble, batch_size: int) -> tuple[torch.Tensor, list[float]]:
+    """Member losses ``(n, M)`` and the measured seconds of each member's evaluation pass."""
+    model = task.model
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    columns, walls = [], []
+    try:
+        for state in ensemble:
+            begin = time.perf_counter()
+            model.load_state_dict(state)
+            columns.append(per_sample_losses(model, task.train, task.loss, batch_size))
+            walls.append(time.perf_counter() - begin)
+    finally:
+        model.load_state_dict(original)
+    return torch.stack(columns, dim=1), walls
+
+
+def curve_points(task: InfluenceTask, gex_cfg: DictConfig, members: list[int], ft_step: int, mode: str,
+                 seed: int) -> list[dict]:
+    """Every point ``(M, ft_step)`` for M in ``members`` from one chain (or set of independent members)."""
+    options = OmegaConf.to_container(gex_cfg, resolve=True)
+    cfg = EnsembleConfig(max(members), ft_step, options["ft_lr"], options["ft_schedule"], options["ft_batch_size"],
+                         options["ft_augment"], options["num_chains"], mode, options["weight_decay"],
+                         options["momentum"], options["bn_batches"], 1)
+    fit_walls = chain_walls(task, cfg)
+    batch_size = int(options.get("batch_size", 1024))
+    begin = time.perf_counter()
+    reference = per_sample_losses(task.model, task.train, task.loss, batch_size)
+    reference_wall = time.perf_counter() - begin
+    losses, pass_walls = member_pass_losses(task, build_ensemble(task, cfg), batch_size)
+    noisy = task.train.is_noisy.cpu()
+    rows = []
+    for m in sorted(members):
+        scores = loss_deviations(losses[:, :m], reference, float(options["eps"])).pow(2).mean(dim=1)
+        fit_s, score_s = sum(fit_walls[:m]), reference_wall + sum(pass_walls[:m])
+        rows.append({"method": "gex", "members_mode": mode, "ft_step": ft_step, "members": m, "seed": seed,
+                     "fit_s": fit_s, "score_s": score_s, "wall_s": fit_s + score_s}
+                    | detection_metrics(scores, noisy, seed))
+    return rows
+
+
+def reference_point(task: InfluenceTask, name: str, seed: int) -> dict:
+    """Fit and score ``configs/method/<name>.yaml`` without the cache (its wall is measured now)."""
+    method = method_from_cfg(OmegaConf.load(CONFIGS / "method" / f"{name}.yaml"))
+    uncached = replace(task, cache=None)
+    begin = time.perf_counter()
+    method.fit(uncached)
+    fit_s = time.perf_counter() - begin
+    begin = time.perf_counter()
+    scores = method.self_influence(uncached.train)
+    score_s = time.perf_counter() - begin
+    return {"method": name, "members_mode": "", "ft_step": 0, "members": 0, "seed": seed, "fit_s": fit_s,
+            "score_s": score_s, "wall_s": fit_s + score_s} | detection_metrics(scores, task.train.is_noisy.cpu(), seed)
+
+
+def summarize(frame: pd.DataFrame, out: Path, title: str) -> pd.DataFrame:
+    """Mean (and std, and seed count) over seeds per point; writes ``curve.md`` and ``curve.png`` into ``out``."""
+    keys = ["method", "members_mode", "ft_step", "members"]
+    stats = frame.groupby(keys, dropna=False).agg(
+        seeds=("seed", "nunique"), auroc=("auroc", "mean"), auroc_std=("auroc", "std"), ap=("ap", "mean"),
+        ap_std=("ap", "std"), fit_s=("fit_s", "mean"), score_s=("score_s", "mean"), wall_s=("wall_s", "mean"),
+    ).reset_index().sort_values(["method", "members_mode", "ft_step", "members"])
+    atomic_write_text(_markdown(stats, title), out / "curve.md")
+    lines = {f"gex {mode} ft_step={steps}": (grp.wall_s.tolist(), grp.auroc.tolist(), grp.ap.tolist(),
+                                              [f"M={m}" for m in grp.members])
+             for (mode, steps), grp in stats[stats.method == "gex"].groupby(["members_mode", "ft_step"])}
+    refs = {row.method: (row.wall_s, row.auroc, row.ap) for row in stats[stats.method != "gex"].itertuples()}
+    plots.plot_accuracy_cost(lines, refs, title, out / "curve.png")
+    return stats
+
+
+def _markdown(stats: pd.DataFrame, title: str) -> str:
+    head = ("| method | members | ft_step | M | seeds | AUROC | AP | fit s | score s | total s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    def pm(mean, std):
+        return f"{mean:.4f}" + (f" ± {std:.4f}" if std == std else "")  # std is NaN for one seed
+    body = "".join(f"| {r.method} | {r.members_mode or '-'} | {r.ft_step or '-'} | {r.members or '-'} | {r.seeds} | "
+                   f"{pm(r.auroc, r.auroc_std)} | {pm(r.ap, r.ap_std)} | {r.fit_s:.1f} | {r.score_s:.1f} | "
+                   f"{r.wall_s:.1f} |\n" for r in stats.itertuples())
+    return f"# {title}\n\n{head}{body}"
+
+
+def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
+    """Measure the curve for one seed, write the record, then pool the records of ``curve.summary_of``."""
+    opts = typed_config(CurveConfig, cfg.curve, "curve")
+    if cfg.method.name != "gex":
+        raise UsageError(f"gex_curve measures GEX; got method={cfg.method.name}; drop the method override")
+    settings = settings_from(cfg)
+    record = RunRecord(run_dir, cfg)
+    bundle, task = load_task(settings, logger)
+    rows = []
+    for steps in opts.ft_steps:
+        rows += curve_points(task, cfg.method, list(opts.members), int(steps), "chain", settings.seed)
+    for m, steps in opts.independent:
+        rows += curve_points(task, cfg.method, [int(m)], int(steps), "independent", settings.seed)
+    for name in opts.references:
+        rows.append(reference_point(task, name, settings.seed))
+    frame = pd.DataFrame(rows).assign(data=settings.data.name, n_train=len(task.train))
+    atomic_write_text(frame.to_csv(index=False), run_dir / "curve.csv")
+    metrics = {f"{r['method']}_{r['members_mode']}_m{r['members']}_s{r['ft_step']}.{k}": r[k]
+               for r in rows for k in ("auroc", "ap", "fit_s", "score_s")}
+    metrics |= {"method": "gex", "task": "gex_curve", "data": settings.data.name, "seed": settings.seed,
+                "wall_s_pretrain": task.pretrain_wall_s, "peak_mem_mb": peak_mem_mb(settings.device),
+                "threads": torch.get_num_threads()} | versions()
+    record.write(metrics)
+    pooled = [pd.read_csv(p) for p in sorted(glob.glob(f"{opts.summary_of}/curve.csv"))] if opts.summary_of \
+        else [frame]
+    out = Path(opts.summary_out) if opts.summary_out else run_dir
+    stats = summarize(pd.concat(pooled), out, f"GEX accuracy against wall seconds ({settings.data.name})")
+    print(stats.to_string(index=False))
+    return metrics
+
+
+@hydra.main(config_path="../configs", config_name="gex_curve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    entry_point("gex_curve")(run)(cfg)
+
+
+if __name__ == "__main__":
+    main()
