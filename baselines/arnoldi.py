@@ -1,4 +1,4 @@
-"""Arnoldi influence (Schioppa et al. 2022; the authors' ``arnoldi``, SPEC B2.5).
+"""Arnoldi influence (Schioppa et al. 2022; the authors' ``arnoldi``, docs/baselines.md#arnoldi).
 
 Fit: ``n_iter`` Arnoldi iterations (``n_iter - 1`` Hessian-vector products, full Gram-Schmidt) on the Hessian of
 the mean eval-mode training loss at theta*, from a seeded random unit vector; distill (tridiagonal band,
@@ -10,7 +10,7 @@ decay) at theta*:
 
 Both **sum** over k, so that with every eigenpair kept the score is ``g^T (H + damping I)^-1 g`` (``if_exact``);
 the authors' self-influence averages over k (a constant factor: same ranking) while their cross-influence sums
-(SPEC B7.11). Pairs with ``lambda_k + damping <= 0`` are dropped with a warning (the authors got NaN).
+(docs/official_code.md#11-sum-versus-mean-over-projections). Pairs with ``lambda_k + damping <= 0`` are dropped with a warning (the authors got NaN).
 ``hvp_data="full"`` (default) uses the exact full-train Hessian; ``"minibatch"`` uses a fresh seeded mini-batch
 per product as the authors (``augment=True`` for their augmented stream). ``damping`` is 0 as the authors.
 """

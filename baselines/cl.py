@@ -1,4 +1,4 @@
-"""Confident learning (SPEC B2.9, Northcutt et al. 2021) through cleanlab, with K-fold cross-fitting.
+"""Confident learning (docs/baselines.md#confident-learning, Northcutt et al. 2021) through cleanlab, with K-fold cross-fitting.
 
 Each fold trains a fresh model with the pretraining recipe on the other folds and predicts its own rows in eval
 mode, so *every* sample gets an out-of-fold probability. This fixes the authors' bug (B7 item 8): they passed

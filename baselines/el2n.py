@@ -1,4 +1,4 @@
-"""EL2N (SPEC B2.7): the squared error of early-training predictions, averaged over short runs from fresh inits.
+"""EL2N (docs/baselines.md#el2n): the squared error of early-training predictions, averaged over short runs from fresh inits.
 
 Score of sample i: ``(1/R) sum_r sum_k (p_k(x_i; theta_r) - onehot(y_i)_k)^2`` (the Brier score, i.e. the *squared*
 L2 error as the authors, not Paul et al.'s norm), where ``theta_r`` is a fresh init trained for ``epochs`` epochs with

@@ -1,4 +1,4 @@
-"""Forgetting events (SPEC B2.8, Toneva et al. 2019): how often pretraining un-learned a sample.
+"""Forgetting events (docs/baselines.md#forgetting-events, Toneva et al. 2019): how often pretraining un-learned a sample.
 
 The counts are a by-product of pretraining (``task.forgetting``: correct -> wrong transitions of the pre-update
 train-mode prediction against the noisy label). Samples never predicted correctly have no event; Toneva et al.

@@ -1,4 +1,4 @@
-"""Classical influence functions with the explicit Hessian (or GGN) of the mean training loss (SPEC A1, B9).
+"""Classical influence functions with the explicit Hessian (or GGN) of the mean training loss (docs/method.md#the-method, docs/protocols.md#cpu-configurations).
 
 ``I(z, z') = g_z^T (H + damping I)^-1 g_z'`` with ``g`` the gradient of a sample's eval-mode loss (BN running
 statistics, un-augmented, no weight decay) at theta*, and ``H`` the curvature of the mean eval-mode training loss

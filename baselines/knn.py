@@ -1,4 +1,4 @@
-"""k-nearest-neighbour label disagreement in logit space (SPEC B2.10), averaged over trajectory checkpoints.
+"""k-nearest-neighbour label disagreement in logit space (docs/baselines.md#knn-label-disagreement), averaged over trajectory checkpoints.
 
 At each checkpoint, a sample's neighbours are the ``k`` training samples whose eval-mode logits are nearest in
 squared Euclidean distance (a training sample finds itself, as the authors); its score is

@@ -1,4 +1,4 @@
-"""LA-KFAC (SPEC A1, B2.2, B7 item 14, B8 item 15): the authors' linearized Laplace baseline.
+"""LA-KFAC (docs/method.md#the-method, docs/baselines.md#la-kfac, docs/official_code.md#14-k-fac-details, docs/decisions.md#baselines-checklist): the authors' linearized Laplace baseline.
 
 Curvature: K-FAC factors (``gex.kfac``) of the mean loss at theta*, in eval mode, from ``n_curvature_batches``
 mini-batches of the (augmented, shuffled) train view, labels sampled from the model (the MC Fisher F), factors
@@ -16,7 +16,7 @@ with the reference clamped at ``eps``: ``D[i, m] = l_i^lin(delta_m) - max(l_i(th
 ``mean_m D[i, m]^2``; pairwise ``D_train D_test^T / M`` (positive = proponent).
 
 With the authors' ``alpha = sigma = 1e-4`` the perturbations are tiny, so ``D`` is mostly the clamp offset
-``l_i(theta*) - eps`` (SPEC B2.2 [inferred]): ``diagnostics()`` reports the median spread of the linearized losses
+``l_i(theta*) - eps`` (docs/baselines.md#la-kfac [inferred]): ``diagnostics()`` reports the median spread of the linearized losses
 against eps so a run can see when that happens.
 
     scores = LaKFAC(num_samples=32).fit(task).self_influence(task.train)
@@ -49,7 +49,7 @@ from gex.utils import progress
 
 __all__ = ["LaKFAC", "kron_inverse_sqrt", "AUTHORS_DIAG_SCALE"]
 
-AUTHORS_DIAG_SCALE = 100.0  # the authors' hard-coded factor on diagonal (BN) blocks (SPEC B7 item 14)
+AUTHORS_DIAG_SCALE = 100.0  # the authors' hard-coded factor on diagonal (BN) blocks (docs/official_code.md#14-k-fac-details)
 _SALT_CURVATURE = 8_101      # data order, augmentation and label draws of the curvature pass
 _SALT_SAMPLE = 8_501         # eps_m of member m comes from salt _SALT_SAMPLE + m
 

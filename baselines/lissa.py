@@ -1,4 +1,4 @@
-"""LiSSA (Agarwal et al. 2017; Koh & Liang 2017) inverse-Hessian-vector products (SPEC B2.6, A3).
+"""LiSSA (Agarwal et al. 2017; Koh & Liang 2017) inverse-Hessian-vector products (docs/baselines.md#lissa, docs/decisions.md#where-we-differ-from-the-authors).
 
 For a right-hand side ``v`` (a per-sample gradient: eval-mode BN, un-augmented, no weight decay, at theta*):
 ``h_0 = v``, ``h_{j+1} = v + (1 - damping) h_j - H_j h_j / scale`` for ``depth`` steps, with ``H_j`` the Hessian
@@ -6,7 +6,7 @@ of the mean eval-mode loss of a fresh seeded mini-batch of the training set (or 
 ``batch_size=None``); the estimate is ``h_depth / scale``, averaged over ``repeats`` runs. It approximates
 ``(H + scale * damping I)^-1 v``: compare with ``if_exact(damping=scale * damping)``.
 
-Deviations from the authors (SPEC B7.9): the loop terminates (fixed depth, one pass over the scored samples);
+Deviations from the authors (docs/official_code.md#9-lissa-never-terminates): the loop terminates (fixed depth, one pass over the scored samples);
 the HVP has no weight decay (the authors' included it; that equals extra damping ``wd``); mini-batches are
 un-augmented by default (``augment=True`` for the authors' augmented stream); one seeded mini-batch sequence per
 repeat is shared by all right-hand sides, so scores do not depend on ``chunk_size``.

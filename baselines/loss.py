@@ -1,7 +1,7 @@
-"""Training loss at theta* (SPEC A5): the trivial baseline every method must beat.
+"""Training loss at theta* (docs/decisions.md#what-the-cpu-pilot-taught-us): the trivial baseline every method must beat.
 
 A mislabeled sample that the model has not memorized has a high loss on its noisy label; once memorized (as the
-paper's long pretraining does, SPEC A5) the loss no longer separates it, which is what influence methods are for.
+paper's long pretraining does, docs/decisions.md#what-the-cpu-pilot-taught-us) the loss no longer separates it, which is what influence methods are for.
 """
 from __future__ import annotations
 

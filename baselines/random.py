@@ -1,4 +1,4 @@
-"""Random scores (SPEC B2.11): the chance-level reference for every ranking metric.
+"""Random scores (docs/baselines.md#random-scores): the chance-level reference for every ranking metric.
 
 Scores are standard normal from ``numpy.random.default_rng([seed, salt])`` (a stream separate from the label
 noise, which the authors drew from the same ``default_rng(seed)``), and indexed by each sample's original index,

@@ -1,11 +1,11 @@
-"""Random projection with H ~ I (SPEC B2.3): ``I(z, z') = (1/d) sum_k (g_z . v_k)(g_z' . v_k)``.
+"""Random projection with H ~ I (docs/baselines.md#random-projection): ``I(z, z') = (1/d) sum_k (g_z . v_k)(g_z' . v_k)``.
 
 ``v_k`` are the rows of one d x P standard-Gaussian matrix (d = 20 as the authors), so the score is an unbiased
 estimate of ``g_z . g_z'`` (``grad_dot``); ``g`` is the gradient of a sample's eval-mode loss (BN running
 statistics, un-augmented, no weight decay) at theta*. Projections come from streamed per-sample gradients
 (``gex.projection``), equal to the authors' JVPs.
 
-Deviation (SPEC B7.11): the authors' cross-influence *sums* over k while their self-influence averages; here
+Deviation (docs/official_code.md#11-sum-versus-mean-over-projections): the authors' cross-influence *sums* over k while their self-influence averages; here
 both average, so pairwise is consistent with self-influence (its diagonal equals it). The authors' V is fixed by
 ``PRNGKey(42)``; ours by ``seed`` (default: the run seed).
 """

@@ -1,4 +1,4 @@
-"""TracInCP (Pruthi et al. 2020) with exact per-sample gradients over the trajectory checkpoints (SPEC B2.4).
+"""TracInCP (Pruthi et al. 2020) with exact per-sample gradients over the trajectory checkpoints (docs/baselines.md#tracin-and-tracinrp).
 
 ``I(z, z') = sum_c w_c g_c(z) . g_c(z')`` with ``g_c`` the gradient of a sample's eval-mode loss (the
 checkpoint's BN running statistics, un-augmented, no weight decay) at checkpoint ``c``; self-influence

@@ -1,4 +1,4 @@
-"""TracInRP (SPEC B2.4): TracIn through ONE Gaussian projection shared by all trajectory checkpoints.
+"""TracInRP (docs/baselines.md#tracin-and-tracinrp): TracIn through ONE Gaussian projection shared by all trajectory checkpoints.
 
 ``I(z, z') = sum_c w_c (1/d) sum_k (g_c(z) . v_k)(g_c(z') . v_k)`` with ``v_k`` the rows of a d x P
 standard-Gaussian matrix (d = 20 as the authors), ``g_c`` the gradient of a sample's eval-mode loss (the
@@ -6,7 +6,7 @@ checkpoint's BN statistics, un-augmented, no weight decay) at checkpoint ``c``. 
 the authors: ``w_c = 1/C``, no learning rates) or ``"lr"`` (TracInCP's learning-rate weights). As d grows the
 score tends to ``tracin`` with the same weighting.
 
-Deviation (SPEC B7.11): the authors' cross-influence sums over k while self-influence averages; both average
+Deviation (docs/official_code.md#11-sum-versus-mean-over-projections): the authors' cross-influence sums over k while self-influence averages; both average
 here. The authors' V comes from ``PRNGKey(42)``; ours from ``seed`` (default: the run seed).
 """
 from __future__ import annotations

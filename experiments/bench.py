@@ -177,7 +177,7 @@ def _sweep_plot(sweep: pd.DataFrame, path: Path) -> None:
 
 
 def _metrics(table: pd.DataFrame, grads: pd.DataFrame, peers: pd.DataFrame | None) -> dict[str, float]:
-    """DESIGN.md names: ``<m>.wall_s``, ``<m>.peak_mem_mb``, ``<m>.samples_per_s``, ``gex.ratio_to_floor``, ..."""
+    """The names of docs/run_records.md: ``<m>.wall_s``, ``<m>.peak_mem_mb``, ``<m>.samples_per_s``, ``gex.ratio_to_floor``, ..."""
     out: dict[str, float] = {}
     keys = ("wall_s", "wall_s_std", "fit_s", "score_s", "cpu_s", "peak_mem_mb", "mem_rise_mb", "samples_per_s",
             "forwards", "grad_forwards", "floor_s", "ratio_to_floor", "ratio_to_floor_cpu")

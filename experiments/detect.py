@@ -1,4 +1,4 @@
-"""Mislabel detection (SPEC B3.2): ``python -m experiments.detect [method=<name>] [task.score=self|cross]``.
+"""Mislabel detection (docs/protocols.md#mislabel-detection): ``python -m experiments.detect [method=<name>] [task.score=self|cross]``.
 
 Scores the noisy training set by self-influence (``task.score=self``) or by -(influence on the mean test loss)
 (``task.score=cross``, the authors' sign: samples that raise the test loss rank first) and records ``auroc``,
@@ -41,7 +41,7 @@ __all__ = ["run"]
 
 @dataclass
 class DetectConfig:
-    """``task=detect`` (SPEC B3.2).
+    """``task=detect`` (docs/protocols.md#mislabel-detection).
 
     Attributes:
         name: ``detect``.

@@ -1,4 +1,4 @@
-"""Dataset pruning (SPEC B3.4): ``python -m experiments.prune [method=<name>] [task.fractions=[0.1,0.2]]``.
+"""Dataset pruning (docs/protocols.md#dataset-pruning): ``python -m experiments.prune [method=<name>] [task.fractions=[0.1,0.2]]``.
 
 On clean labels (``configs/prune.yaml`` sets ``noise=none``), removes the lowest self-influence fraction of the
 training set (keeping the influential samples; ties broken by a seeded U(0, 0.5) key), retrains a fresh model from
@@ -48,7 +48,7 @@ RANDOM_PRUNE_SALT = 0x9A7     # the random-pruning reference's stream
 
 @dataclass
 class PruneConfig:
-    """``task=prune`` (SPEC B3.4): remove the lowest self-influence fraction, retrain, compare with random.
+    """``task=prune`` (docs/protocols.md#dataset-pruning): remove the lowest self-influence fraction, retrain, compare with random.
 
     Attributes:
         name: ``prune``.

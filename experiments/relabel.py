@@ -1,4 +1,4 @@
-"""Relabeling (SPEC A3, B3.3): ``python -m experiments.relabel [method=<name>] [task.mode=rdia|drop|soft_all|oracle]``.
+"""Relabeling (docs/decisions.md#where-we-differ-from-the-authors, docs/protocols.md#relabeling): ``python -m experiments.relabel [method=<name>] [task.mode=rdia|drop|soft_all|oracle]``.
 
 Otsu-thresholds the method's self-influence on the noisy training set; in the paper-era mode ``rdia`` the flagged
 samples get the RDIA soft target (``ce``; sigmoid probabilities for ``bce``) and the others keep their label; a
@@ -47,12 +47,12 @@ __all__ = ["run"]
 
 RELABEL_MODES = ("rdia", "drop", "soft_all", "oracle")
 
-RDIA_EPS = 1e-12              # the authors' guard inside the RDIA logarithms (SPEC B3.3)
+RDIA_EPS = 1e-12              # the authors' guard inside the RDIA logarithms (docs/protocols.md#relabeling)
 
 
 @dataclass
 class RelabelConfig:
-    """``task=relabel`` (SPEC A3, B3.3).
+    """``task=relabel`` (docs/decisions.md#where-we-differ-from-the-authors, docs/protocols.md#relabeling).
 
     Attributes:
         name: ``relabel``.
@@ -86,7 +86,7 @@ def model_probs(task: InfluenceTask) -> Tensor:
 
 
 def rdia_targets(probs: Tensor, y: Tensor) -> Tensor:
-    """RDIA soft targets (SPEC B3.3): y'_y = 0, y'_k = ln((1-p_y)^(1/(K-1)) + e) / (ln(p_k + e) + e), e = 1e-12.
+    """RDIA soft targets (docs/protocols.md#relabeling): y'_y = 0, y'_k = ln((1-p_y)^(1/(K-1)) + e) / (ln(p_k + e) + e), e = 1e-12.
 
     Their cross-entropy ``-sum_k y'_k ln p_k`` equals ``-ln(1 - p_y)``: the loss pushes mass off the given label.
     The targets do not sum to 1.

@@ -1,7 +1,7 @@
 """Tables and figures across run records: ``python -m experiments.report runs=<dir or glob> [out=<dir>]``.
 
 Reads every run directory below ``runs`` (a directory holding ``config.yaml`` and/or ``metrics.json``, see
-DESIGN.md "Run records") into one frame, leaves out and reports the runs that cannot be compared (unfinished,
+docs/run_records.md) into one frame, leaves out and reports the runs that cannot be compared (unfinished,
 missing the task's required metrics, duplicated, another ``config_version``), and writes under ``out``:
 
 - ``runs.csv``: one row per kept run (task, setting, method, seed, every metric, stage times, versions, path);

@@ -1,4 +1,4 @@
-"""Separation of data sources (SPEC A4, B3.5; the protocol is ours): ``python -m experiments.separate``.
+"""Separation of data sources (docs/protocols.md#settings, docs/protocols.md#separation-of-data-sources; the protocol is ours): ``python -m experiments.separate``.
 
 On a two-source mixture with clean labels (``data=mixed``: ``extra['is_minority']`` marks the ~10% minority
 source), records how well a method finds the minority source by self-influence (``auroc``, ``ap``) and by influence
@@ -54,7 +54,7 @@ __all__ = ["run"]
 
 @dataclass
 class SeparateConfig:
-    """``task=separate`` (SPEC A4, B3.5; the protocol is ours).
+    """``task=separate`` (docs/protocols.md#settings, docs/protocols.md#separation-of-data-sources; the protocol is ours).
 
     Attributes:
         name: ``separate``.

@@ -1,4 +1,4 @@
-"""The paper's Fig. 2 toy (SPEC A2): ``python -m experiments.toy [seed=0]``; five seeds:
+"""The paper's Fig. 2 toy (docs/method.md#the-papers-evidence): ``python -m experiments.toy [seed=0]``; five seeds:
 ``python -m experiments.toy -m seed=0,1,2,3,4``.
 
 On ``two_circles`` (two dense circles, one per class, plus rare "influential" points between them; clean labels) a
@@ -16,7 +16,7 @@ point by self-influence, and the run records how well it separates the influenti
   positive definite is reported (the message names the damping needed) and its metrics are NaN.
 - ``gex`` and ``gex_lin`` with the options of ``cfg.method`` (a GEX-family config). The toy's losses at theta*
   are ~1e-5 (typical) to ~0.3 (influential), so the configured ``eps`` is 0 (no clamp): the paper's 0.05 would
-  clamp almost every reference and invert the ranking (SPEC A5).
+  clamp almost every reference and invert the ranking (docs/decisions.md#what-the-cpu-pilot-taught-us).
 - ``loss``: the training loss at theta*.
 
 Writes ``metrics.json``, ``scores.pt`` (``self_influence`` = GEX, one tensor per estimator, ``is_influential``),

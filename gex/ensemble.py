@@ -1,4 +1,4 @@
-"""The geometric ensemble (SPEC A1, B2.1a): members fine-tuned from theta* in cycles, one saved per cycle.
+"""The geometric ensemble (docs/method.md#the-method, docs/method.md#the-geometric-ensemble): members fine-tuned from theta* in cycles, one saved per cycle.
 
 Member ``i`` belongs to chain ``i % num_chains`` and is that chain's cycle ``i // num_chains`` (members of the
 chains interleaved, as the authors appended the D per-device snapshots after each stage). A cycle is
@@ -66,7 +66,7 @@ _SALT = 0x6E5E  # separates the ensemble's random streams from those of other me
 
 @dataclass
 class EnsembleConfig:
-    """How the members are made (the authors' ``ft_*`` flags; defaults: our CPU setting, SPEC A4/B9).
+    """How the members are made (the authors' ``ft_*`` flags; defaults: our CPU setting, docs/protocols.md#settings, docs/protocols.md#cpu-configurations).
 
     Attributes:
         num_members: M, the number of members (not part of the cache key: member i does not depend on M).
@@ -76,7 +76,7 @@ class EnsembleConfig:
             clipping at ``CONSTANT_CLIP_NORM``, the authors' pruning setting).
         ft_batch_size: samples per fine-tuning step.
         ft_augment: fine-tune (and refresh BN) on the augmented view, as the authors' code; independent of
-            pretraining's augmentation switch. Off, members may stay memorized (SPEC A5).
+            pretraining's augmentation switch. Off, members may stay memorized (docs/decisions.md#what-the-cpu-pilot-taught-us).
         num_chains: parallel chains (the authors ran one per device); 1 = one chain of M cycles.
         members: ``chain`` (each cycle continues the chain) or ``independent`` (each member from theta*).
         weight_decay: L2 coefficient on all parameters.

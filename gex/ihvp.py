@@ -2,7 +2,7 @@
 curvature-vector products, conjugate gradients, the LiSSA recursion and Arnoldi iteration with distillation.
 
 The curvature is that of the eval-mode (BN running statistics), un-augmented, weight-decay-free mean loss
-``L(theta) = (1/N) sum_i l_i(theta)`` at the model's parameters (SPEC B2):
+``L(theta) = (1/N) sum_i l_i(theta)`` at the model's parameters (docs/baselines.md#conventions):
 - ``hessian``: ``d^2 L / d theta^2`` (forward-over-reverse products as ````hvp`` below``, or reverse-over-reverse:
   ``HVP_MODES``);
 - ``ggn``: the generalized Gauss-Newton ``(1/N) sum_i J_i^T H_out,i J_i`` (``J_i`` = d logits / d theta,
@@ -308,7 +308,7 @@ def arnoldi_iteration(matvec: Callable[[Tensor], Tensor], start: Tensor, n_iter:
 
 
 def distill(basis: Tensor, hess: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Ritz pairs of an Arnoldi run (Schioppa et al.; SPEC B2.5).
+    """Ritz pairs of an Arnoldi run (Schioppa et al.; docs/baselines.md#arnoldi).
 
     Drops the Hessenberg's last row, keeps the tridiagonal band, symmetrizes, takes ``eigh`` and keeps the
     ``top_k`` largest (algebraic) eigenvalues with their Ritz vectors ``u_k = sum_j U_jk q_j``.

@@ -1,4 +1,4 @@
-"""K-FAC curvature, shared by ``la_kfac`` and ``ekfac`` (SPEC A1, B2.2, B8 item 15): per-layer statistics
+"""K-FAC curvature, shared by ``la_kfac`` and ``ekfac`` (docs/method.md#the-method, docs/baselines.md#la-kfac, docs/decisions.md#baselines-checklist): per-layer statistics
 collected with forward hooks and one backward pass per pseudo-gradient, never an N x P matrix.
 
 Blocks:

@@ -1,4 +1,4 @@
-"""GEX and its ablations (SPEC A1, B2.1b): influence as the covariance of loss deviations over a geometric
+"""GEX and its ablations (docs/method.md#the-method, docs/method.md#scores): influence as the covariance of loss deviations over a geometric
 ensemble.
 
 With member losses ``L[i, m] = l_i(theta_m)`` (eval mode, each member's own BN statistics) and the clamped
@@ -10,7 +10,7 @@ reference ``r_i = max(l_i(theta*), eps)``, the deviations are ``D[i, m] = L[i, m
 
 ``eps`` (the authors' ``gex_eps`` = 0.05) clamps only the reference. A well-fit sample whose members stay below
 ``eps`` deviates by about ``-eps`` (score floor ``eps**2``); when most samples' members stay below ``eps`` the
-score ``(eps - L)^2`` *falls* as the member loss rises and the ranking inverts (SPEC A5): ``self_influence``
+score ``(eps - L)^2`` *falls* as the member loss rises and the ranking inverts (docs/decisions.md#what-the-cpu-pilot-taught-us): ``self_influence``
 then warns loudly. Set ``eps`` below the loss scale of the task (e.g. 0 disables the clamp).
 
     scores = GEX(num_members=8, ft_step=100, ft_lr=0.05).fit(task).self_influence(task.train)
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class ClampRegimeWarning(UserWarning):
-    """Most samples' member losses stay below eps: the clamp inverts GEX's ranking (SPEC A5)."""
+    """Most samples' member losses stay below eps: the clamp inverts GEX's ranking (docs/decisions.md#what-the-cpu-pilot-taught-us)."""
 
 
 def loss_deviations(member_losses: Tensor, reference: Tensor, eps: float) -> Tensor:
@@ -204,7 +204,7 @@ class GEX(Attributor):
         if self.uses_clamp and diag["frac_below_eps"] > self.warn_below_frac:
             message = (f"{self.name}: the median member loss is below eps={self.eps:g} for "
                        f"{diag['frac_below_eps']:.0%} of the samples; there the score (eps - loss)^2 falls as the "
-                       f"member loss rises, so the clamp inverts the ranking (SPEC A5). Fine-tune harder "
+                       f"member loss rises, so the clamp inverts the ranking (docs/decisions.md#what-the-cpu-pilot-taught-us). Fine-tune harder "
                        f"(ft_augment=true, larger ft_lr or ft_step) or set eps below the loss scale")
             log.warning(message)
             warnings.warn(message, ClampRegimeWarning, stacklevel=3)
@@ -214,7 +214,7 @@ class GEX(Attributor):
 class GEXLin(GEX):
     """GEX-lin: the same members, but losses of the linearized network ``f(theta*) + J (theta_m - theta*)``.
 
-    Isolates the effect of linearization (SPEC A1): the Jacobian and BN statistics are theta*'s for every member.
+    Isolates the effect of linearization (docs/method.md#the-method): the Jacobian and BN statistics are theta*'s for every member.
     Options as ``GEX``. Without BN the gap to GEX is second order in the step and vanishes as ``ft_lr -> 0``
     (tested). With BN it does not: GEX evaluates each member with its own refreshed statistics, a first-order
     function of the weights that the frozen-statistics linearization leaves out (on a tiny BN MLP the relative gap
@@ -241,7 +241,7 @@ class GEXLin(GEX):
 
 @register("gex_mean_loss")
 class GEXMeanLoss(GEX):
-    """Ablation: the mean member loss ``(1/M) sum_m L[i, m]``, no reference and no clamp (SPEC A5).
+    """Ablation: the mean member loss ``(1/M) sum_m L[i, m]``, no reference and no clamp (docs/decisions.md#what-the-cpu-pilot-taught-us).
 
     Options as ``GEX``; ``eps`` only sets the ``frac_below_eps`` diagnostic. It has no pairwise form.
     """

@@ -174,7 +174,7 @@ def using_state(model: nn.Module, state: dict[str, Tensor]) -> Iterator[nn.Modul
 
 def trajectory_weights(lrs: Sequence[float], weighting: str) -> list[float]:
     """Checkpoint weights of TracIn-style sums: ``lr`` = each checkpoint's learning rate (TracInCP), ``mean`` =
-    ``1/C`` (the authors' unweighted mean, SPEC B2.4).
+    ``1/C`` (the authors' unweighted mean, docs/baselines.md#tracin-and-tracinrp).
 
     Raises:
         ValueError: no checkpoints, or an unknown ``weighting``.

@@ -109,7 +109,7 @@ def test_la_kfac_scores_follow_the_gex_formula(la_tiny, tiny_task64):
 
 
 def test_la_kfac_paper_defaults_are_dominated_by_the_clamp(digits_task):
-    """alpha = sigma = 1e-4: the shifts are tiny, so a clamped sample scores (eps - l)^2 (SPEC B2.2)."""
+    """alpha = sigma = 1e-4: the shifts are tiny, so a clamped sample scores (eps - l)^2 (docs/baselines.md#la-kfac)."""
     method = build_method("la_kfac", **_cpu_config("la_kfac")).fit(digits_task)
     scores = method.self_influence(digits_task.train)
     ref = per_sample_losses(digits_task.model, digits_task.train)

@@ -14,7 +14,7 @@ from gex.params import num_params
 from gex.projection import _SEED_STRIDE, GaussianProjector
 
 N_SUB = 40            # train samples of the product checks (tiny_task64: P ~ 470, float64)
-TOL_SPECTRUM = 1e-10  # relative error of the Gram route's kernel at cond(Phi) ~ 10 (bound ~ eps * cond^2)
+TOL_TOL_GRAM_SPECTRUM = 1e-10  # relative error of the Gram route's kernel at cond(Phi) ~ 10 (bound ~ eps * cond^2)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,10 @@ def test_gram_spectrum_gives_the_svd_kernel(shape):
     s, w = trak_module.spectrum(phi)
     _, s_ref, wt_ref = torch.linalg.svd(phi, full_matrices=False)
     assert s.shape == s_ref.shape and w.shape == (shape[1], min(shape))
-    torch.testing.assert_close(s.sort().values, s_ref.sort().values, rtol=TOL_SPECTRUM, atol=0)
+    torch.testing.assert_close(s.sort().values, s_ref.sort().values, rtol=TOL_TOL_GRAM_SPECTRUM, atol=0)
     ref = _kernel_matrix(s_ref, wt_ref.T)
-    assert float((_kernel_matrix(s, w) - ref).norm() / ref.norm()) < TOL_SPECTRUM
-    torch.testing.assert_close(w.T @ w, torch.eye(min(shape), dtype=phi.dtype), rtol=0, atol=TOL_SPECTRUM)
+    assert float((_kernel_matrix(s, w) - ref).norm() / ref.norm()) < TOL_TOL_GRAM_SPECTRUM
+    torch.testing.assert_close(w.T @ w, torch.eye(min(shape), dtype=phi.dtype), rtol=0, atol=TOL_TOL_GRAM_SPECTRUM)
 
 
 def test_spectrum_falls_back_to_the_svd_when_the_gram_loses_accuracy():
@@ -93,7 +93,7 @@ def test_trak_scores_equal_those_of_the_svd_kernel(tiny_task64, monkeypatch, pro
     monkeypatch.setattr(trak_module, "spectrum", lambda phi, gram=True: original(phi, gram=False))
     ref = build_method("trak", **kw).fit(tiny_task64)
     train, test = tiny_task64.train, tiny_task64.test
-    torch.testing.assert_close(fast.self_influence(train), ref.self_influence(train), rtol=TOL_SPECTRUM, atol=0)
+    torch.testing.assert_close(fast.self_influence(train), ref.self_influence(train), rtol=TOL_TOL_GRAM_SPECTRUM, atol=0)
     torch.testing.assert_close(fast.influence(train, test), ref.influence(train, test), rtol=1e-8, atol=TOL_EXACT)
 
 

@@ -226,7 +226,7 @@ def test_iter_grad_chunks_invariant_to_chunk_size_and_backend():
 
 
 def test_bench_smoke_writes_its_record(tmp_path):
-    """``experiments.bench`` on tiny settings (in one process): the tables, the plot and DESIGN.md's metric names."""
+    """``experiments.bench`` on tiny settings (in one process): the tables, the plot and the metric names of docs/run_records.md."""
     configs = str(Path(__file__).resolve().parents[1] / "configs")
     overrides = ["data=digits", "data.n_train=200", "data.n_test=50", "model=mlp", "model.options.hidden=16",
                  "model.options.depth=1", "train=smoke", f"paths.cache={tmp_path / 'cache'}", "bench.n_train=200",

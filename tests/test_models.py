@@ -14,7 +14,7 @@ def test_output_shape(name, shape):
 
 def test_parameter_counts_match_the_documented_sizes():
     assert 80_000 < count_parameters(build_model("cnn_small", (1, 28, 28), 10)) < 90_000
-    # The authors' VGG on 1-channel input: ~4.69M; ResNet-18 on CIFAR-10: ~11.17M (SPEC B5).
+    # The authors' VGG on 1-channel input: ~4.69M; ResNet-18 on CIFAR-10: ~11.17M (docs/protocols.md#models).
     assert abs(count_parameters(build_model("vgg", (1, 28, 28), 10)) - 4.69e6) < 0.02e6
     assert abs(count_parameters(build_model("resnet18", (3, 32, 32), 10)) - 11.17e6) < 0.02e6
 

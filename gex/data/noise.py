@@ -1,4 +1,4 @@
-"""Label-noise generators (SPEC A3, B1.1).
+"""Label-noise generators (docs/decisions.md#where-we-differ-from-the-authors, docs/protocols.md#label-noise).
 
 Every kind that corrupts a random subset picks it exactly as the authors' generator does
 (``datasets/image.py`` at v1.0.0): ``rng = numpy.random.default_rng(seed)``, then

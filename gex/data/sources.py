@@ -422,7 +422,7 @@ def _mixture(x_maj: Tensor, y_maj, x_min: Tensor, y_min, x_test: Tensor, y_test,
 
 
 def _mixed(cfg: "DataConfig") -> tuple[LabeledData, LabeledData]:
-    """Source-separation mixture (SPEC A4; the protocol is ours, the authors left none).
+    """Source-separation mixture (docs/protocols.md#settings; the protocol is ours, the authors left none).
 
     ``mnist5k+digits`` (CPU): the mnist5k train split (majority, 28x28) + sklearn digits train images
     upsampled 8x8 -> 28x28 (bilinear), a class-balanced subsample (seed 0) sized to ``cfg.minority_frac``
