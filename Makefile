@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export WANDB_SILENT := true
 
-.PHONY: help setup data demo test bench clean
+.PHONY: help setup data demo test bench gpu-check clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -41,12 +41,16 @@ demo: setup data ## CPU detection benchmark: every method on Fashion-MNIST 10k, 
 	$(PY) -m experiments.detect -m method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_RUNS)/detect
 	$(PY) -m experiments.report runs=$(DEMO_RUNS)/detect out=$(DEMO_RUNS)/report logger=none
 	@cat $(DEMO_RUNS)/report/tables/detect.md
+	$(PY) -m experiments.demo_check $(DEMO_RUNS)
 
 test: setup data ## the test suite (CPU, offline W&B, temporary directories)
 	WANDB_MODE=offline $(PY) -m pytest -q
 
 bench: setup data ## speed benchmarks (ratios measured in one run)
 	$(PY) -m experiments.bench
+
+gpu-check: setup data ## on a CUDA machine (~8 min, one H200): detection vs the CPU records, step throughput, torchrun; writes results/gpu/<time>/
+	$(PY) -m experiments.gpu_check
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf outputs multirun cache .pytest_cache

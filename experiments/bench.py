@@ -43,7 +43,7 @@ from bench.grad_paths import compare_grad_paths, freeze_norm_layers
 from bench.methods import method_options, speed_table, subtask, time_method, warm_up
 from bench.peers import peer_table
 from bench.tables import write_table
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.scaffold import (
     RunLogger,
     RunRecord,
@@ -285,4 +285,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

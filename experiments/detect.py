@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import (
     SCORE_KINDS,
     check_scores,
@@ -113,4 +113,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import detection_metrics
 from experiments.scaffold import (
     RunLogger,
@@ -215,4 +215,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.retrain import retrain_recipe
 from experiments.scaffold import (
     RunLogger,
@@ -368,4 +368,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -19,7 +19,7 @@ from gex.attribution import MethodError
 from gex.distributed import DistInfo, barrier, distributed_context
 from gex.runs import ArtifactError
 
-__all__ = ["entry_point"]
+__all__ = ["entry_point", "cli", "bad_choices"]
 
 # Collective timeout under torchrun (seconds): the other ranks wait at a barrier while rank 0 pretrains theta*,
 # so it must exceed the longest pretraining; GEX_DIST_TIMEOUT_S overrides it.
@@ -109,3 +109,34 @@ def entry_point(job: str) -> Callable[[Callable[[DictConfig, Path, RunLogger], d
                 raise SystemExit(2) from None
         return main
     return wrap
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def bad_choices(overrides: list[str], configs: Path = CONFIGS) -> list[str]:
+    """One message per ``group=name`` override whose config group has no ``name`` (sweeps ``a,b`` checked item by
+    item; ``+``/``~`` overrides, ``null`` and keys that are not config groups are left to Hydra)."""
+    messages = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key.startswith(("+", "~", "hydra")) or "." in key or value in ("null", ""):
+            continue
+        group = configs / key
+        if not group.is_dir():
+            continue
+        valid = sorted(p.stem for p in group.glob("*.yaml"))
+        for name in value.split(","):
+            if name and not (group / f"{name}.yaml").is_file():
+                messages.append(f"{key}={name!r} is unknown; valid choices: {valid}")
+    return messages
+
+
+def cli(main: Callable[[], None]) -> None:
+    """Run a ``hydra.main`` function, first turning an unknown config-group choice (``method=nope``) into one line
+    on stderr and exit status 2 (Hydra alone exits 1 with a longer message)."""
+    messages = bad_choices(sys.argv[1:])
+    if messages:
+        print(f"error: {messages[0]}", file=sys.stderr)
+        raise SystemExit(2)
+    main()

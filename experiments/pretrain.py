@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.scaffold import (
     RunLogger,
     RunRecord,
@@ -49,4 +49,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

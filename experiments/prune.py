@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import check_scores, ranking_order
 from experiments.retrain import (
     cached_value,
@@ -161,4 +161,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import accuracy, check_scores, flag_metrics
 from experiments.retrain import (
     cached_value,
@@ -181,4 +181,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

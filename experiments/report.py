@@ -47,7 +47,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.scaffold import RunLogger, UsageError, versions
 from gex.runs import ArtifactError, atomic_write_text, load_artifact
 
@@ -842,4 +842,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

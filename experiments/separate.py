@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import (
     SCORE_KINDS,
     check_scores,
@@ -186,4 +186,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from experiments import plots
-from experiments.launch import entry_point
+from experiments.launch import cli, entry_point
 from experiments.metrics import ranking_metrics
 from experiments.scaffold import (
     RunLogger,
@@ -256,4 +256,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
