@@ -47,6 +47,8 @@ class InfluenceTask:
         trajectory: pretraining checkpoints with the LR in force at each.
         forgetting: forgetting-event counts from pretraining ``(n_train,)``, or None.
         never_learned: bool ``(n_train,)``: never fitted during pretraining, or None.
+        aum: float ``(n_train,)``: each sample's mean margin over pretraining (area under the margin), or None
+            (a theta* cached before margins were recorded, or a model from ``from_model``).
         loss: ``ce`` or ``bce``.
         device: where work runs.
         seed: the run seed (methods derive their own generators from it).
@@ -63,6 +65,7 @@ class InfluenceTask:
     trajectory: list[Checkpoint] = field(default_factory=list)
     forgetting: Tensor | None = None
     never_learned: Tensor | None = None
+    aum: Tensor | None = None
     loss: str = "ce"
     device: torch.device = torch.device("cpu")
     seed: int = 0

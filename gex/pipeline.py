@@ -39,7 +39,7 @@ def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume: Resume
                    resume=resume)
     return {"state": {k: v.cpu() for k, v in model.state_dict().items()},
             "trajectory": [{"state": c.state, "step": c.step, "lr": c.lr} for c in result.trajectory],
-            "forgetting": result.forgetting, "never_learned": result.never_learned,
+            "forgetting": result.forgetting, "never_learned": result.never_learned, "aum": result.aum,
             "wall_s": result.wall_s}
 
 
@@ -84,7 +84,7 @@ def pretrained_task(bundle: DataBundle, model_cfg: ModelConfig, recipe: TrainCon
     trajectory = [Checkpoint(c["state"], int(c["step"]), float(c["lr"])) for c in record["trajectory"]]
     return InfluenceTask(model=model, train=bundle.train.to(device), test=bundle.test.to(device), recipe=recipe,
                          make_model=make_model, trajectory=trajectory, forgetting=record["forgetting"],
-                         never_learned=record["never_learned"], loss=recipe.loss, device=device, seed=seed,
+                         never_learned=record["never_learned"], aum=record.get("aum"), loss=recipe.loss, device=device, seed=seed,
                          cache=cache, cache_spec=spec, pretrain_wall_s=0.0 if reused else float(record["wall_s"]))
 
 

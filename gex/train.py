@@ -34,7 +34,7 @@ from gex.runs import ArtifactError, atomic_save, load_artifact
 from gex.utils import progress
 
 __all__ = ["TrainConfig", "Checkpoint", "TrainResult", "ResumeFile", "train", "sgd_steps", "lr_at", "update_bn",
-           "eval_logits", "batch_stream", "snapshot", "clone_model", "make_optimizer",
+           "eval_logits", "aum_margins", "batch_stream", "snapshot", "clone_model", "make_optimizer",
            "regularize_and_clip", "check_speed", "speed_of", "SPEED_FIELDS", "Stacked", "stack_states",
            "unstack_state", "stacked_sgd_steps", "stacked_update_bn"]
 
@@ -135,6 +135,7 @@ class TrainResult:
     never_learned: Tensor       # (n,) bool: never predicted correctly during training
     history: list[dict[str, float]]
     wall_s: float = 0.0         # training time, including the processes a resumed run continued from
+    aum: Tensor | None = None   # (n,) float64: mean pre-update margin over the run (area under the margin)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -485,6 +486,14 @@ class ResumeFile:
         Path(self.path).unlink(missing_ok=True)
 
 
+def aum_margins(logits: Tensor, y: Tensor) -> Tensor:
+    """The margin of each sample: its assigned label's logit minus the largest other logit, shape ``(b,)``
+    (negative when the model predicts another class; Pleiss et al. 2020)."""
+    assigned = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
+    return assigned - others
+
+
 class _Recorder:
     """Per-step bookkeeping of a full training run: forgetting events, trajectory checkpoints, epoch logs, and the
     progress saves of a resumable run."""
@@ -502,6 +511,8 @@ class _Recorder:
         self.prev_correct = torch.zeros(n, dtype=torch.bool)
         self.ever_correct = torch.zeros(n, dtype=torch.bool)
         self.forgetting = torch.zeros(n, dtype=torch.long)
+        self.margin_sum = torch.zeros(n, dtype=torch.float64)   # AUM: sum and count of each sample's margins
+        self.margin_count = torch.zeros(n, dtype=torch.long)
         self.ckpt_steps = sorted({max(1, round(f * total)) for f in cfg.ckpt_fracs})
         self.trajectory: list[Checkpoint] = []
         self.history: list[dict[str, float]] = []
@@ -514,6 +525,8 @@ class _Recorder:
         self.forgetting[rows] += (self.prev_correct[rows] & ~correct).long()
         self.prev_correct[rows] = correct
         self.ever_correct[rows] |= correct
+        self.margin_sum[rows] += aum_margins(logits.detach(), batch.y).double().cpu()
+        self.margin_count[rows] += 1
         self.loss_sum += per_sample_loss(logits, batch.y, self.cfg.loss, batch.targets).sum().item()
         self.correct_sum += int(correct.sum())
         self.seen += len(rows)
@@ -536,6 +549,7 @@ class _Recorder:
         return {"step": done, "total": self.total, "model": snapshot(self.model),
                 "optimizer": self.optimizer.state_dict(), "order_generator": self.order_generator.get_state(),
                 "bn_generator": self.bn_generator.get_state(), "forgetting": self.forgetting.clone(),
+                "margin_sum": self.margin_sum.clone(), "margin_count": self.margin_count.clone(),
                 "prev_correct": self.prev_correct.clone(), "ever_correct": self.ever_correct.clone(),
                 "trajectory": [{"state": c.state, "step": c.step, "lr": c.lr} for c in self.trajectory],
                 "history": list(self.history), "wall_s": self.wall_s()}
@@ -554,6 +568,7 @@ class _Recorder:
         self.bn_generator.set_state(state["bn_generator"])
         self.forgetting, self.prev_correct = state["forgetting"], state["prev_correct"]
         self.ever_correct = state["ever_correct"]
+        self.margin_sum, self.margin_count = state["margin_sum"], state["margin_count"]
         self.trajectory = [Checkpoint(c["state"], int(c["step"]), float(c["lr"])) for c in state["trajectory"]]
         self.history = list(state["history"])
         self.earlier_wall_s = float(state["wall_s"])
@@ -608,7 +623,7 @@ def train(model: nn.Module, data: LabeledData, cfg: TrainConfig, *, seed: int, d
     if torch.device(device).type == "cuda":  # the wall time should include the queued kernels
         torch.cuda.synchronize(device)
     return TrainResult(recorder.trajectory, recorder.forgetting, ~recorder.ever_correct, recorder.history,
-                       recorder.wall_s())
+                       recorder.wall_s(), recorder.margin_sum / recorder.margin_count.clamp(min=1))
 
 
 def clone_model(model: nn.Module) -> nn.Module:

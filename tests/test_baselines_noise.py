@@ -254,3 +254,21 @@ def test_knn_method_averages_checkpoints(digits_task):
     assert KNN().fit(digits_task).k_ == len(y) // 10
     with pytest.raises(MethodError, match="knn.num_checkpoints=9"):
         KNN(num_checkpoints=9).fit(digits_task)
+
+
+def test_aum_margins_equal_a_brute_force_loop():
+    from gex.train import aum_margins
+    logits, y = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 1.0], [1.0, 1.0, 0.0]]), torch.tensor([0, 0, 1])
+    expected = [2.0 - 1.0, 0.5 - 3.0, 1.0 - 1.0]   # assigned logit minus the largest other one
+    assert aum_margins(logits, y).tolist() == expected
+
+
+def test_aum_is_minus_the_mean_pretraining_margin_and_refuses_a_task_without_one(digits_task):
+    method = build_method("aum").fit(digits_task)
+    scores = method.self_influence(digits_task.train)
+    assert torch.equal(scores, -digits_task.aum.double())
+    assert roc_auc_score(digits_task.train.is_noisy.numpy(), scores.numpy()) > 0.8  # low margins = mislabeled
+    rows = torch.tensor([5, 2, 9])
+    assert torch.equal(method.self_influence(digits_task.train.subset(rows)), scores[rows])
+    with pytest.raises(MethodError, match="aum needs the margins recorded during pretraining"):
+        build_method("aum").fit(replace(digits_task, aum=None))

@@ -122,7 +122,7 @@ def test_an_interrupted_pretraining_continues_from_the_cache_to_the_same_theta(t
     resumed = pretrained_task(bundle, model, recipe, **kw, cache=cache, resume_every_s=0)
     ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert torch.equal(resumed.forgetting, reference.forgetting)
+    assert torch.equal(resumed.forgetting, reference.forgetting) and torch.equal(resumed.aum, reference.aum)
     assert not progress[0].exists() and progress[0].with_name("checkpoint.pt").is_file()
 
 
