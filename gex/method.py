@@ -1,17 +1,23 @@
-"""GEX and its ablations (docs/method.md#the-method, docs/method.md#scores): influence as the covariance of loss deviations over a geometric
-ensemble.
+"""GEX and its ablations (docs/method.md#the-method, docs/method.md#scores): influence as the covariance of loss
+deviations over a geometric ensemble.
 
-With member losses ``L[i, m] = l_i(theta_m)`` (eval mode, each member's own BN statistics) and the clamped
-reference ``r_i = max(l_i(theta*), eps)``, the deviations are ``D[i, m] = L[i, m] - r_i`` and
+With member losses ``L[i, m] = l_i(theta_m)`` (eval mode, each member's own BN statistics) and a reference loss
+``r_i`` per sample, the deviations are ``D[i, m] = L[i, m] - r_i`` and
 
 - self-influence ``I_i = (1/M) sum_m D[i, m]^2`` (higher = more influential);
 - pairwise influence ``I_ij = (1/M) sum_m D[i, m] D[j, m]`` for train i and test j (positive = a proponent);
-- the authors' cross-influence against the *mean* test loss (``influence_on_mean_test``).
+- cross-influence against the *mean* test loss (``influence_on_mean_test``).
 
-``eps`` (the authors' ``gex_eps`` = 0.05) clamps only the reference. A well-fit sample whose members stay below
-``eps`` deviates by about ``-eps`` (score floor ``eps**2``); when most samples' members stay below ``eps`` the
-score ``(eps - L)^2`` *falls* as the member loss rises and the ranking inverts (docs/decisions.md#what-the-cpu-pilot-taught-us): ``self_influence``
-then warns loudly. Set ``eps`` below the loss scale of the task (e.g. 0 disables the clamp).
+The reference (docs/method.md#the-clamp-tau):
+
+- ``reference="fit_aware"`` (our default): ``r_i = l_i(theta*)`` where theta* predicts the sample's label, and 0
+  where it does not. No clamp, so nothing is inverted; a sample theta* never fit keeps its high member losses as
+  its score (the plain deviation from theta* is ~0 there, which ranks such mislabeled samples last).
+- ``reference="clamped"`` (the authors'): ``r_i = max(l_i(theta*), tau)`` with ``tau = eps`` (their 0.05), or
+  ``tau`` = the ``eps_quantile`` quantile of theta*'s training losses (adaptive). A sample with
+  ``l(theta*) < tau`` whose members also stay below ``tau`` scores ``(tau - L)^2``, which *falls* as the member
+  loss rises: the clamp inverts the ranking there. Every run records the share of such samples
+  (``frac_clamp_inverted``) and warns above ``warn_inverted_frac``. ``GEXClamped`` (``gex_clamped``) is this form.
 
     scores = GEX(num_members=8, ft_step=100, ft_lr=0.05).fit(task).self_influence(task.train)
 """
@@ -32,17 +38,22 @@ from gex.evaluation import (
     linearized_losses,
     losses_for_states,
     losses_for_states_batched,
-    per_sample_losses,
 )
+from gex.losses import per_sample_loss
 from gex.params import param_names, params_vector
+from gex.train import eval_logits
 
-__all__ = ["GEX", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning", "loss_deviations"]
+__all__ = ["GEX", "GEXClamped", "GEXLin", "GEXMeanLoss", "ClampRegimeWarning", "REFERENCES", "loss_deviations",
+           "reference_values", "clamp_inverted", "warn_if_inverted"]
 
 log = logging.getLogger(__name__)
 
 
+REFERENCES = ("fit_aware", "clamped")
+
+
 class ClampRegimeWarning(UserWarning):
-    """Most samples' member losses stay below eps: the clamp inverts GEX's ranking (docs/decisions.md#what-the-cpu-pilot-taught-us)."""
+    """The clamp inverts GEX's ranking for more than ``warn_inverted_frac`` of the samples."""
 
 
 def loss_deviations(member_losses: Tensor, reference: Tensor, eps: float) -> Tensor:
@@ -59,6 +70,42 @@ def loss_deviations(member_losses: Tensor, reference: Tensor, eps: float) -> Ten
     return member_losses - reference.clamp(min=eps).unsqueeze(1)
 
 
+def reference_values(losses: Tensor, fitted: Tensor, rule: str, tau: float) -> Tensor:
+    """GEX's reference ``r_i`` per sample, ``(n,)``: ``fit_aware`` = theta*'s loss where theta* predicts the label,
+    0 where it does not; ``clamped`` = ``max(l_i(theta*), tau)`` (the authors').
+
+    Args:
+        losses: ``l_i(theta*)``, ``(n,)``.
+        fitted: bool ``(n,)``, theta* predicts sample i's label.
+        rule: one of ``REFERENCES``.
+        tau: the clamp (``clamped`` only).
+    """
+    if rule == "clamped":
+        return losses.clamp(min=tau)
+    return torch.where(fitted.to(losses.device), losses, torch.zeros_like(losses))
+
+
+def clamp_inverted(member_losses: Tensor, losses: Tensor, tau: float) -> Tensor:
+    """Bool ``(n,)``: samples whose ranking the clamp inverts. Their reference is lifted to ``tau``
+    (``l(theta*) < tau``) and their members stay below it on average, so the score ``mean_m (tau - L_m)^2`` falls as
+    the member losses rise, while the unclamped deviation from theta* grows."""
+    return (losses < tau) & (member_losses.mean(dim=1) < tau)
+
+
+def warn_if_inverted(name: str, frac: float, limit: float, tau: float) -> bool:
+    """Warn (log and ``ClampRegimeWarning``) when the clamp inverts the ranking of more than ``limit`` of the
+    samples; returns whether it warned."""
+    if frac <= limit:
+        return False
+    message = (f"{name}: the clamp tau={tau:.3g} inverts the ranking of {frac:.1%} of the samples (more than "
+               f"{limit:.0%}): their theta* loss and member losses stay below tau, where the score (tau - loss)^2 "
+               f"falls as the member loss rises; set reference=fit_aware (the default) or eps=0 "
+               f"(docs/method.md#the-clamp-tau)")
+    log.warning(message)
+    warnings.warn(message, ClampRegimeWarning, stacklevel=4)
+    return True
+
+
 @register("gex")
 class GEX(Attributor):
     """GEX: loss-deviation covariance over a geometric ensemble.
@@ -66,9 +113,13 @@ class GEX(Attributor):
     Args:
         num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment, num_chains, members, weight_decay,
             momentum, bn_batches: the ensemble (see ``gex.ensemble.EnsembleConfig``).
-        eps: tau, the clamp of the reference loss, ``max(l(theta*), eps)`` (the authors' 0.05); >= 0.
+        reference: ``fit_aware`` (default) or ``clamped`` (the authors'); see the module docstring.
+        eps: tau of ``clamped``, ``max(l(theta*), eps)`` (the authors' 0.05); >= 0.
+        eps_quantile: with ``clamped``, tau = this quantile of theta*'s training losses instead of ``eps``
+            (adaptive); None = ``eps``.
         top_frac: share of samples counted as "top" (highest self-influence) in ``diagnostics``.
-        warn_below_frac: warn when more than this share of samples has a median member loss below eps.
+        warn_inverted_frac: warn (log and run record) when the clamp inverts the ranking of more than this share
+            of the samples.
         batch_size: samples per evaluation forward.
         batch_members: members trained together (vmapped) when they do not depend on each other; 1 = one at a
             time (see ``gex.ensemble``; equal members up to float rounding, slower on a CPU for conv nets).
@@ -78,20 +129,27 @@ class GEX(Attributor):
     """
 
     uses_clamp = True  # GEXMeanLoss has no reference, hence no clamp to invert
+    default_reference = "fit_aware"
     evaluates_members = True  # GEXLin evaluates the linearized network instead: eval_batched does not apply
 
     def __init__(self, num_members: int = 8, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
                  ft_batch_size: int = 128, ft_augment: bool = True, num_chains: int = 1, members: str = "chain",
                  eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 50,
-                 top_frac: float = 0.1, warn_below_frac: float = 0.5, batch_size: int = 1024,
-                 batch_members: int = 1, eval_batched: bool = False, eval_members: int = 8):
+                 top_frac: float = 0.1, warn_inverted_frac: float = 0.05, batch_size: int = 1024,
+                 batch_members: int = 1, eval_batched: bool = False, eval_members: int = 8,
+                 reference: str | None = None, eps_quantile: float | None = None):
         self.config = EnsembleConfig(num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment,
                                      num_chains, members, weight_decay, momentum, bn_batches, batch_members)
         if not (isinstance(eps, (int, float)) and eps >= 0):
             raise ValueError(f"eps={eps!r} is invalid; it must be >= 0 (0 disables the clamp)")
-        if not 0 < top_frac < 1 or not 0 < warn_below_frac <= 1:
-            raise ValueError(f"top_frac={top_frac!r}, warn_below_frac={warn_below_frac!r} are invalid; "
-                             f"need 0 < top_frac < 1 and 0 < warn_below_frac <= 1")
+        if not 0 < top_frac < 1 or not 0 <= warn_inverted_frac <= 1:
+            raise ValueError(f"top_frac={top_frac!r}, warn_inverted_frac={warn_inverted_frac!r} are invalid; "
+                             f"need 0 < top_frac < 1 and 0 <= warn_inverted_frac <= 1")
+        reference = self.default_reference if reference is None else reference
+        if reference not in REFERENCES:
+            raise ValueError(f"reference={reference!r} is unknown; valid choices: {list(REFERENCES)}")
+        if eps_quantile is not None and not 0 <= eps_quantile <= 1:
+            raise ValueError(f"eps_quantile={eps_quantile!r} is invalid; it must lie in [0, 1] or be null")
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size!r} is invalid; it must be positive")
         if not isinstance(eval_batched, bool):
@@ -101,7 +159,8 @@ class GEX(Attributor):
                              f"linearized network, not the members); set eval_batched=false")
         if isinstance(eval_members, bool) or not isinstance(eval_members, int) or eval_members < 1:
             raise ValueError(f"eval_members={eval_members!r} is invalid; it must be a positive integer")
-        self.eps, self.top_frac, self.warn_below_frac = float(eps), top_frac, warn_below_frac
+        self.eps, self.top_frac, self.warn_inverted_frac = float(eps), top_frac, warn_inverted_frac
+        self.reference, self.eps_quantile = reference, eps_quantile
         self.batch_size, self.eval_batched, self.eval_members = batch_size, eval_batched, eval_members
         self.ensemble: Ensemble | None = None
         self._losses: dict[tuple[str, int], tuple[LabeledData, Tensor]] = {}
@@ -112,6 +171,7 @@ class GEX(Attributor):
         super().fit(task)
         self.ensemble = build_ensemble(task, self.config)
         self._losses.clear()
+        self._tau: float | None = None
         return self
 
     # ------------------------------------------------------------------------------------------- losses
@@ -139,12 +199,35 @@ class GEX(Attributor):
 
     def reference_losses(self, data: LabeledData) -> Tensor:
         """``l_i(theta*)``, unclamped, shape ``(n,)``."""
+        return self._theta_star(data)[0]
+
+    def _theta_star(self, data: LabeledData) -> tuple[Tensor, Tensor]:
+        """theta*'s losses ``(n,)`` and whether it predicts each label (bool ``(n,)``), from one eval pass."""
         task = self._require_fit()
-        return self._cached("reference", data, lambda d: per_sample_losses(task.model, d, task.loss, self.batch_size))
+
+        def compute(d: LabeledData) -> Tensor:
+            logits = eval_logits(task.model, d, self.batch_size)
+            return torch.stack([per_sample_loss(logits, d.y.cpu(), task.loss).float(),
+                                (logits.argmax(-1) == d.y.cpu()).float()])
+        both = self._cached("theta_star", data, compute)
+        return both[0], both[1].bool()
+
+    def tau(self) -> float:
+        """The clamp in force: ``eps``, or the ``eps_quantile`` quantile of theta*'s training losses."""
+        if self.eps_quantile is None:
+            return self.eps
+        if self._tau is None:
+            self._tau = float(self.reference_losses(self._require_fit().train).double().quantile(self.eps_quantile))
+        return self._tau
+
+    def references(self, data: LabeledData) -> Tensor:
+        """The reference ``r_i`` of each sample under ``reference``, shape ``(n,)``."""
+        losses, fitted = self._theta_star(data)
+        return reference_values(losses, fitted, self.reference, self.tau())
 
     def loss_deviations(self, data: LabeledData) -> Tensor:
-        """``D[i, m] = L[i, m] - max(l_i(theta*), eps)``, shape ``(n, M)``."""
-        return loss_deviations(self.member_losses(data), self.reference_losses(data), self.eps)
+        """``D[i, m] = L[i, m] - r_i``, shape ``(n, M)``."""
+        return self.member_losses(data) - self.references(data).unsqueeze(1)
 
     # ------------------------------------------------------------------------------------------- scores
 
@@ -157,25 +240,28 @@ class GEX(Attributor):
     def influence(self, train: LabeledData, test: LabeledData) -> Tensor:
         """``D_train D_test^T / M``, shape ``(n_train, n_test)``; positive = the train sample lowers the test loss.
 
-        Each test sample has its own clamped reference ``max(l_j(theta*), eps)``, so ``influence(...).mean(1)``
-        is ``D_train @ mean_j D[j]`` / M: the clamp sits *inside* the test mean (compare
-        ``influence_on_mean_test``). The diagonal for ``test is train`` equals ``self_influence``.
+        Each test sample has its own reference, so ``influence(...).mean(1)`` is ``D_train @ mean_j D[j] / M``
+        (with ``clamped`` the clamp sits *inside* the test mean; compare ``influence_on_mean_test``). The diagonal
+        for ``test is train`` equals ``self_influence``.
         """
         dev_train = self.loss_deviations(train)
         dev_test = self.loss_deviations(test)
         return dev_train @ dev_test.T / dev_train.shape[1]
 
     def influence_on_mean_test(self, train: LabeledData, test: LabeledData) -> Tensor:
-        """The authors' cross-influence on the mean test loss, shape ``(n_train,)``.
+        """Cross-influence on the mean test loss, shape ``(n_train,)``.
 
-        ``I_i = (1/M) sum_m D[i, m] (T_m - t)`` with ``T_m`` the mean test loss under member m and
-        ``t = max(mean_j l_j(theta*), eps)``: the clamp applies to the *mean* test loss, unlike
-        ``influence(train, test).mean(1)``, which clamps each test sample's reference (they agree when no test
-        reference is clamped, e.g. ``eps = 0``).
+        ``I_i = (1/M) sum_m D[i, m] (T_m - t)`` with ``T_m`` the mean test loss under member m. With ``clamped``
+        (the authors'), ``t = max(mean_j l_j(theta*), tau)``: the clamp applies to the *mean* test loss, unlike
+        ``influence(train, test).mean(1)``, which clamps each test sample's reference. With ``fit_aware``,
+        ``t = mean_j r_j`` and the two agree.
         """
         dev_train = self.loss_deviations(train)
         test_mean = self.member_losses(test).mean(dim=0)                    # (M,)
-        reference = self.reference_losses(test).mean().clamp(min=self.eps)  # scalar
+        if self.reference == "clamped":
+            reference = self.reference_losses(test).mean().clamp(min=self.tau())
+        else:
+            reference = self.references(test).mean()
         return dev_train @ (test_mean - reference) / dev_train.shape[1]
 
     # ------------------------------------------------------------------------------------- diagnostics
@@ -186,7 +272,9 @@ class GEX(Attributor):
         ``member_loss_top`` / ``member_loss_rest``: median over samples of the per-sample median member loss, for
         the top ``top_frac`` by self-influence and the others; ``member_loss_noisy`` / ``member_loss_clean``: the
         same for mislabeled / other samples (when the data has noisy labels); ``frac_below_eps``: share of
-        samples whose median member loss is below eps.
+        samples whose median member loss is below tau; ``frac_clamp_inverted``: share whose ranking the clamp
+        inverts (``clamp_inverted``; 0 without a clamp); ``tau``: the clamp in force; ``frac_reference_unfit``:
+        share of samples theta* does not fit (their ``fit_aware`` reference is 0).
         """
         return dict(self._diagnostics)
 
@@ -199,15 +287,25 @@ class GEX(Attributor):
         if noisy.any() and (~noisy).any():
             groups |= {"member_loss_noisy": noisy, "member_loss_clean": ~noisy}
         diag = {k: float(median[m].quantile(0.5)) if m.any() else float("nan") for k, m in groups.items()}
-        diag["frac_below_eps"] = float((median < self.eps).double().mean())
+        tau = self.tau()
+        losses, fitted = self._theta_star(data)
+        clamps = self.uses_clamp and self.reference == "clamped"
+        inverted = clamp_inverted(self.member_losses(data), losses, tau) if clamps else torch.zeros(len(losses))
+        diag |= {"frac_below_eps": float((median < tau).double().mean()), "tau": tau,
+                 "frac_clamp_inverted": float(inverted.double().mean()),
+                 "frac_reference_unfit": float((~fitted).double().mean())}
         self._diagnostics = diag
-        if self.uses_clamp and diag["frac_below_eps"] > self.warn_below_frac:
-            message = (f"{self.name}: the median member loss is below eps={self.eps:g} for "
-                       f"{diag['frac_below_eps']:.0%} of the samples; there the score (eps - loss)^2 falls as the "
-                       f"member loss rises, so the clamp inverts the ranking (docs/decisions.md#what-the-cpu-pilot-taught-us). Fine-tune harder "
-                       f"(ft_augment=true, larger ft_lr or ft_step) or set eps below the loss scale")
-            log.warning(message)
-            warnings.warn(message, ClampRegimeWarning, stacklevel=3)
+        warn_if_inverted(self.name, diag["frac_clamp_inverted"], self.warn_inverted_frac, tau)
+
+
+@register("gex_clamped")
+class GEXClamped(GEX):
+    """The authors' GEX: the clamped reference ``max(l(theta*), eps)`` with their ``eps`` = 0.05 by default.
+
+    Options as ``GEX`` (``reference`` defaults to ``clamped``); the paper presets use this form.
+    """
+
+    default_reference = "clamped"
 
 
 @register("gex_lin")

@@ -18,7 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import gex.method as gex_module
 from gex.attribution import METHODS, InfluenceTask, MethodError, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
-from gex.method import GEX, ClampRegimeWarning, GEXLin, GEXMeanLoss
+from gex.method import (GEX, ClampRegimeWarning, GEXClamped, GEXLin, GEXMeanLoss, clamp_inverted, reference_values,
+                        warn_if_inverted)
 from gex.runs import ArtifactCache
 from gex.train import TrainConfig, clone_model, train
 
@@ -29,6 +30,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 @pytest.fixture(scope="module")
 def fitted(digits_task):
     return GEX(**SMALL).fit(digits_task)
+
+
+@pytest.fixture(scope="module")
+def clamped(digits_task):
+    """The authors' form on the same members (the ensemble does not depend on the reference)."""
+    method = GEXClamped(**SMALL).fit(digits_task)
+    return method
 
 
 def _brute_losses(task, state, data, loss="ce"):
@@ -45,11 +53,16 @@ def _brute_losses(task, state, data, loss="ce"):
 
 
 def _brute_deviations(method, data):
-    """(n, M) deviations L[i, m] - max(l_i(theta*), eps) by loops over members and samples."""
+    """(n, M) deviations L[i, m] - r_i by loops over members and samples: r_i = max(l_i(theta*), eps) for the
+    clamped reference, and l_i(theta*) where theta* predicts the label (else 0) for fit_aware."""
     task = method.task
     reference = _brute_losses(task, task.model.state_dict(), data, task.loss)
     members = torch.stack([_brute_losses(task, s, data, task.loss) for s in method.ensemble], dim=1)
-    return members - torch.clamp(reference, min=method.eps)[:, None], members, reference
+    if method.reference == "clamped":
+        return members - torch.clamp(reference, min=method.eps)[:, None], members, reference
+    with torch.no_grad():
+        fits = torch.stack([task.model(data.x[i:i + 1]).argmax(-1)[0] == data.y[i] for i in range(len(data))])
+    return members - torch.where(fits, reference, torch.zeros_like(reference))[:, None], members, reference
 
 
 def test_self_influence_is_nonnegative_and_equals_the_brute_force_formula(fitted, digits_task):
@@ -65,7 +78,8 @@ def test_pairwise_diagonal_equals_self_influence(fitted, digits_task):
     torch.testing.assert_close(matrix.diagonal(), fitted.self_influence(digits_task.train), rtol=1e-5, atol=1e-7)
 
 
-def test_influence_on_mean_test_is_the_authors_formula_and_differs_from_the_matrix_mean(fitted, digits_task):
+def test_influence_on_mean_test_is_the_authors_formula_and_differs_from_the_matrix_mean(clamped, digits_task):
+    fitted = clamped
     train, test = digits_task.train, digits_task.test
     dev_train, _, _ = _brute_deviations(fitted, train)
     dev_test, test_members, test_ref = _brute_deviations(fitted, test)
@@ -80,6 +94,12 @@ def test_influence_on_mean_test_is_the_authors_formula_and_differs_from_the_matr
     torch.testing.assert_close(got_matrix, matrix_mean, rtol=TOL_FLOAT32, atol=TOL_FLOAT32)
     assert (test_ref < fitted.eps).any()  # the clamp is active on some test samples, so the two differ
     assert (got_authors - got_matrix).abs().max() > 100 * TOL_FLOAT32
+
+
+def test_without_a_clamp_influence_on_mean_test_is_the_matrix_mean(fitted, digits_task):
+    train, test = digits_task.train, digits_task.test
+    torch.testing.assert_close(fitted.influence_on_mean_test(train, test), fitted.influence(train, test).mean(1),
+                               rtol=TOL_FLOAT32, atol=TOL_FLOAT32)
 
 
 def test_without_clamp_both_cross_influences_agree(digits_task):
@@ -128,7 +148,8 @@ def smooth_task():
 def test_gex_lin_approaches_gex_as_the_step_size_vanishes(smooth_task):
     gaps = []
     for lr in (1e-1, 1e-2, 1e-3):
-        options = dict(num_members=2, ft_step=5, ft_lr=lr, ft_batch_size=80, ft_augment=False, bn_batches=1, eps=0.0)
+        options = dict(num_members=2, ft_step=5, ft_lr=lr, ft_batch_size=80, ft_augment=False, bn_batches=1, eps=0.0,
+                       reference="clamped")  # tau 0: the plain deviation from theta*
         exact = GEX(**options).fit(smooth_task).loss_deviations(smooth_task.train)
         linear = GEXLin(**options).fit(smooth_task).loss_deviations(smooth_task.train)
         gaps.append(float((exact - linear).norm() / exact.norm()))
@@ -149,14 +170,17 @@ def test_clamp_inverts_the_ranking_when_members_stay_below_eps_and_warns(digits_
     options = SMALL | dict(ft_lr=1e-6, num_members=2)
     probe = GEX(**options).fit(digits_task)
     eps = 2.0 * float(probe.member_losses(digits_task.train).max())
-    method = GEX(**options, eps=eps).fit(digits_task)
+    method = GEX(**options, eps=eps, reference="clamped").fit(digits_task)
     with pytest.warns(ClampRegimeWarning, match="inverts the ranking"):
         scores = method.self_influence(digits_task.train)
     mean_loss = method.member_losses(digits_task.train).mean(1)
     noisy = digits_task.train.is_noisy.numpy()
     assert spearmanr(scores.numpy(), mean_loss.numpy()).statistic < -0.99
     assert roc_auc_score(noisy, scores.numpy()) < 0.2 < 0.8 < roc_auc_score(noisy, mean_loss.numpy())
-    assert method.diagnostics()["frac_below_eps"] == 1.0
+    assert method.diagnostics()["frac_below_eps"] == 1.0 and method.diagnostics()["frac_clamp_inverted"] == 1.0
+    fit_aware = GEX(**options, eps=eps).fit(digits_task)   # the default reference: no clamp, nothing inverted
+    assert roc_auc_score(noisy, fit_aware.self_influence(digits_task.train).numpy()) > 0.8
+    assert fit_aware.diagnostics()["frac_clamp_inverted"] == 0.0
 
 
 def test_no_warning_and_noisy_members_unmemorize_in_the_working_regime(fitted, digits_task):
@@ -165,7 +189,7 @@ def test_no_warning_and_noisy_members_unmemorize_in_the_working_regime(fitted, d
         scores = fitted.self_influence(digits_task.train)
     diag = fitted.diagnostics()
     assert set(diag) == {"member_loss_top", "member_loss_rest", "member_loss_noisy", "member_loss_clean",
-                         "frac_below_eps"}
+                         "frac_below_eps", "tau", "frac_clamp_inverted", "frac_reference_unfit"}
     assert diag["member_loss_noisy"] > 3 * diag["member_loss_clean"] and diag["frac_below_eps"] < 0.5
     # brute force: median over the top 10% by score of each sample's median member loss
     median = fitted.member_losses(digits_task.train).double().quantile(0.5, dim=1)
@@ -228,3 +252,50 @@ def test_method_configs_build_the_registered_classes(name, cls):
     assert cfg.pop("name") == name and METHODS[name] is cls
     method = build_method(name, **cfg)
     assert type(method) is cls and method.config.num_members == cfg["num_members"] and method.eps == cfg["eps"]
+
+
+def test_the_clamp_inverts_exactly_the_samples_below_tau_and_fit_aware_inverts_none():
+    """Hand-made losses, members above theta* everywhere (they moved away from it): raising a member loss raises
+    the score, except under the clamp for the samples whose theta* and member losses sit below tau."""
+    tau = 0.05
+    star = torch.tensor([0.001, 0.001, 0.03, 0.2, 0.6, 0.001], dtype=torch.float64)
+    members = star[:, None] + torch.tensor([[0.001, 0.002], [0.03, 0.04], [0.005, 0.01], [0.1, 0.3],
+                                            [0.0, 0.4], [0.1, 0.2]], dtype=torch.float64)
+    fitted = torch.tensor([True, True, True, True, False, True])
+    below = clamp_inverted(members, star, tau)
+    assert below.tolist() == [True, True, True, False, False, False]
+
+    def score(losses, rule):
+        return (losses - reference_values(star, fitted, rule, tau)[:, None]).pow(2).mean(1)
+
+    bumped = members + 1e-3
+    assert ((score(bumped, "clamped") < score(members, "clamped")) == below).all()   # falls exactly there
+    assert (score(bumped, "fit_aware") > score(members, "fit_aware")).all()          # never inverted
+    # the two below-tau samples swap order under the clamp: the one whose members moved more scores lower
+    assert score(members, "clamped")[0] > score(members, "clamped")[1]
+    assert score(members, "fit_aware")[0] < score(members, "fit_aware")[1]
+    # a sample theta* never fit keeps its member losses as its score (its deviation from theta* is small)
+    assert reference_values(star, fitted, "fit_aware", tau)[4] == 0.0
+
+
+def test_the_clamp_warning_fires_above_its_threshold(caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClampRegimeWarning)
+        assert not warn_if_inverted("gex", 0.05, 0.05, 0.05)
+    with pytest.warns(ClampRegimeWarning, match=r"inverts the ranking of 5\.1% of the samples .*reference=fit_aware"):
+        assert warn_if_inverted("gex", 0.051, 0.05, 0.05)
+    assert "inverts the ranking" in caplog.text
+
+
+def test_gex_clamped_is_the_authors_form_and_adaptive_tau_reads_theta_stars_losses(digits_task):
+    options = SMALL | dict(num_members=2)
+    authors = GEXClamped(**options).fit(digits_task)
+    assert authors.reference == "clamped" and authors.tau() == 0.05
+    adaptive = GEX(**options, reference="clamped", eps_quantile=0.1).fit(digits_task)
+    expected = float(adaptive.reference_losses(digits_task.train).double().quantile(0.1))
+    assert adaptive.tau() == pytest.approx(expected)
+    dev = adaptive.loss_deviations(digits_task.train)
+    ref = adaptive.reference_losses(digits_task.train).clamp(min=expected)
+    torch.testing.assert_close(dev, adaptive.member_losses(digits_task.train) - ref[:, None])
+    with pytest.raises(ValueError, match="reference='tau' is unknown"):
+        GEX(reference="tau")
