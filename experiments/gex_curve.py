@@ -40,7 +40,6 @@ from experiments.scaffold import (
 from gex.attribution import InfluenceTask
 from gex.ensemble import EnsembleConfig, build_ensemble
 from gex.evaluation import per_sample_losses
-from gex.method import loss_deviations
 from gex.runs import atomic_write_text
 from gex.utils import peak_mem_mb
 
@@ -115,21 +114,20 @@ def member_pass_losses(task: InfluenceTask, ensemble, batch_size: int) -> tuple[
 
 def curve_points(task: InfluenceTask, gex_cfg: DictConfig, members: list[int], ft_step: int, mode: str,
                  seed: int) -> list[dict]:
-    """Every point ``(M, ft_step)`` for M in ``members`` from one chain (or set of independent members)."""
+    """Every point ``(M, ft_step)`` for M in ``members`` from one chain (or set of independent members), scored
+    with the configured GEX's reference rule."""
     options = OmegaConf.to_container(gex_cfg, resolve=True)
-    cfg = EnsembleConfig(max(members), ft_step, options["ft_lr"], options["ft_schedule"], options["ft_batch_size"],
-                         options["ft_augment"], options["num_chains"], mode, options["weight_decay"],
-                         options["momentum"], options["bn_batches"], 1)
-    fit_walls = chain_walls(task, cfg)
-    batch_size = int(options.get("batch_size", 1024))
+    gex = method_from_cfg(options | {"num_members": max(members), "ft_step": ft_step, "members": mode})
+    fit_walls = chain_walls(task, replace(gex.config, batch_members=1))
+    gex.fit(task)  # every member is in the cache (or memory) now: this only loads the ensemble
     begin = time.perf_counter()
-    reference = per_sample_losses(task.model, task.train, task.loss, batch_size)
+    reference = gex.references(task.train)  # theta*'s eval pass
     reference_wall = time.perf_counter() - begin
-    losses, pass_walls = member_pass_losses(task, build_ensemble(task, cfg), batch_size)
+    losses, pass_walls = member_pass_losses(task, gex.ensemble, gex.batch_size)
     noisy = task.train.is_noisy.cpu()
     rows = []
     for m in sorted(members):
-        scores = loss_deviations(losses[:, :m], reference, float(options["eps"])).pow(2).mean(dim=1)
+        scores = (losses[:, :m] - reference[:, None]).pow(2).mean(dim=1)
         fit_s, score_s = sum(fit_walls[:m]), reference_wall + sum(pass_walls[:m])
         rows.append({"method": "gex", "members_mode": mode, "ft_step": ft_step, "members": m, "seed": seed,
                      "fit_s": fit_s, "score_s": score_s, "wall_s": fit_s + score_s}
@@ -198,6 +196,7 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     metrics = {f"{r['method']}_{r['members_mode']}_m{r['members']}_s{r['ft_step']}.{k}": r[k]
                for r in rows for k in ("auroc", "ap", "fit_s", "score_s")}
     metrics |= {"method": "gex", "task": "gex_curve", "data": settings.data.name, "seed": settings.seed,
+                "reference": str(cfg.method.get("reference", "fit_aware")),
                 "wall_s_pretrain": task.pretrain_wall_s, "peak_mem_mb": peak_mem_mb(settings.device),
                 "threads": torch.get_num_threads()} | versions()
     record.write(metrics)

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import Tensor
 
 from gex.attribution import InfluenceTask
@@ -52,7 +53,7 @@ from gex.train import (
     update_bn,
 )
 
-__all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "run_cycles", "cycle_recipe",
+__all__ = ["EnsembleConfig", "Ensemble", "build_ensemble", "run_cycle", "run_cycles", "cycle_recipe", "bn_generator",
            "member_start", "member_chain", "FT_SCHEDULES", "MEMBER_MODES", "CONSTANT_CLIP_NORM"]
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,11 @@ def cycle_recipe(cfg: EnsembleConfig, loss: str) -> TrainConfig:
                        ckpt_fracs=[1.0], bn_batches=cfg.bn_batches, loss=loss)
 
 
+def bn_generator(task: InfluenceTask, index: int) -> torch.Generator:
+    """The generator of member ``index``'s BN-refresh batches (its data stream uses ``_SALT + 2 * index``)."""
+    return task.generator(_SALT + 2 * index + 1)
+
+
 def run_cycle(task: InfluenceTask, cfg: EnsembleConfig, start: State, index: int,
               on_step: Callable[..., None] | None = None) -> State:
     """One cycle from ``start``: ``ft_step`` SGD steps, BN refresh, snapshot (theta* itself is left untouched).
@@ -168,7 +174,7 @@ def run_cycle(task: InfluenceTask, cfg: EnsembleConfig, start: State, index: int
     stream = batch_stream(task.train, cfg.ft_batch_size, cfg.ft_augment, task.generator(_SALT + 2 * index),
                           task.device)
     sgd_steps(model, stream, cfg.ft_step, recipe, on_step=on_step, desc=f"ensemble member {index}")
-    update_bn(model, task.train, recipe, task.generator(_SALT + 2 * index + 1), task.device)
+    update_bn(model, task.train, recipe, bn_generator(task, index), task.device)
     return snapshot(model)
 
 
@@ -201,7 +207,7 @@ def run_cycles(task: InfluenceTask, cfg: EnsembleConfig, starts: list[State], in
                             task.device) for i in indices]
     stacked_sgd_steps(model, stacked, streams, cfg.ft_step, recipe, on_step=on_step,
                       desc=f"ensemble members {indices[0]}-{indices[-1]}")
-    stacked_update_bn(model, stacked, task.train, recipe, [task.generator(_SALT + 2 * i + 1) for i in indices],
+    stacked_update_bn(model, stacked, task.train, recipe, [bn_generator(task, i) for i in indices],
                       task.device)
     return [unstack_state(stacked, j) for j in range(len(indices))]
 
