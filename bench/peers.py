@@ -2,10 +2,13 @@
 
     python -m experiments.bench bench.peers=true [bench.peer_n=200]      (or: python -m bench.peers [--n 200])
 
-Pairs: ``tracin`` vs captum ``TracInCP``; ``if_cg`` / ``lissa`` / ``arnoldi`` / ``trak`` vs dattri's
-``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi`` / ``TRAKAttributor``; ``ekfac`` vs kronfluence's
-EK-FAC. The tiny model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory
-checkpoints), small enough for every peer's default path. Each side is timed from construction to the scores
+Pairs: ``tracin`` vs captum ``TracInCP`` on its default exact path, and ``tracin@fast`` vs its documented fast
+path (``sample_wise_grads_per_batch=True``, Linear/Conv layers only, so BN is frozen on both sides); ``if_cg`` /
+``lissa`` / ``arnoldi`` / ``trak`` vs dattri's ``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi``
+/ ``TRAKAttributor``; ``ekfac`` vs kronfluence's EK-FAC with the same damping (its heuristic 0.1 x mean
+eigenvalue, our default). Each row records both sides' settings (``ours_settings``, ``peer_settings``). The tiny
+model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory checkpoints): a
+micro-benchmark where fixed costs dominate, small enough for every peer's default path. Each side is timed from construction to the scores
 (our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) over ``repeats`` rounds that alternate
 ours and the peer's after an untimed warm-up of both (``bench.timing.alternate``): ``ours_s`` and ``peer_s`` are
 medians, ``peer_time_ratio`` = peer median / ours (above 1: the peer is slower), ``peer_time_ratio_min`` / ``_max``
@@ -19,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Callable
 
 import pandas as pd
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench.grad_paths import freeze_norm_layers
 from bench.tables import markdown_table
 from bench.timing import alternate, median_ratios
 from gex.attribution import METHODS, InfluenceTask, build_method
@@ -130,7 +136,10 @@ def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
     return run
 
 
-def _captum_tracin(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+def _captum_tracin(options: dict[str, Any], fast: bool = False) -> Callable[[InfluenceTask], Tensor]:
+    """captum's ``TracInCP``: its default exact per-example gradients, or (``fast``) its documented
+    ``sample_wise_grads_per_batch=True`` path, which covers Linear/Conv layers only (the pair freezes BN on both
+    sides, so both cover the same parameters)."""
     def run(task: InfluenceTask) -> Tensor:
         from captum.influence import TracInCP
         model = copy.deepcopy(task.model).eval()
@@ -141,9 +150,13 @@ def _captum_tracin(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]
             net.load_state_dict(states[key].state)
             net.eval()
             return states[key].lr if use_lr else 1.0 / len(states)
-        tracin = TracInCP(model, TensorDataset(task.train.x, task.train.y), list(states), load,
-                          loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=len(task.train))
+        loss = nn.CrossEntropyLoss(reduction="sum" if fast else "none")  # captum's fast path wants a summed loss
+        tracin = TracInCP(model, TensorDataset(task.train.x, task.train.y), list(states), load, loss_fn=loss,
+                          batch_size=len(task.train), sample_wise_grads_per_batch=fast)
         return tracin.self_influence(show_progress=False)
+    run.settings = {"class": "captum.influence.TracInCP", "sample_wise_grads_per_batch": fast,
+                    "checkpoint_weight": options["weighting"], "batch_size": "n (one batch)",
+                    "parameters": "Linear/Conv (BN frozen)" if fast else "all trainable"}
     return run
 
 
@@ -169,9 +182,16 @@ class _KronTask:
 
 
 def _kronfluence(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    """kronfluence's EK-FAC with ``damping_factor=None``: its heuristic 0.1 x the mean eigenvalue of each module,
+    which is our ``ekfac`` default (``damping=0.1``, ``damping_mode=relative``); other settings of ours have no
+    kronfluence equivalent and are refused."""
+    if options.get("damping_mode", "relative") != "relative" or float(options.get("damping", 0.1)) != 0.1:
+        raise ValueError(f"ekfac damping={options.get('damping')} ({options.get('damping_mode')}) has no kronfluence "
+                         f"equivalent; the pair needs damping=0.1 damping_mode=relative (its heuristic)")
+
     def run(task: InfluenceTask) -> Tensor:
         from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments
+        from kronfluence.arguments import FactorArguments, ScoreArguments
         ktask = _KronTask()
         model = prepare_model(copy.deepcopy(task.model).eval(), ktask)
         data = TensorDataset(task.train.x, task.train.y)
@@ -181,14 +201,19 @@ def _kronfluence(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
             analyzer.fit_all_factors("ekfac", data, per_device_batch_size=options["batch_size"],
                                      factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
             analyzer.compute_self_scores("self", "ekfac", data, per_device_train_batch_size=options["batch_size"],
-                                         overwrite_output_dir=True)
+                                         score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
             return analyzer.load_self_scores("self")["all_modules"]
+    run.settings = {"class": "kronfluence.Analyzer", "strategy": "ekfac",
+                    "damping_factor": "None = 0.1 x mean eigenvalue per module (same as ours)",
+                    "batch_size": options["batch_size"]}
     return run
 
 
-# our method -> (peer label, the module the peer needs, adapter built from our method's options)
+# pair -> (peer label, the module the peer needs, adapter built from our method's options). A pair named
+# "<method>@<variant>" runs our <method>; the variant "fast" freezes BN on both sides (captum's fast path skips it).
 PAIRS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Callable[[InfluenceTask], Tensor]]]] = {
-    "tracin": ("captum.TracInCP", "captum", _captum_tracin),
+    "tracin": ("captum.TracInCP (exact)", "captum", _captum_tracin),
+    "tracin@fast": ("captum.TracInCP (sample_wise_grads_per_batch)", "captum", lambda o: _captum_tracin(o, True)),
     "if_cg": ("dattri.IFAttributorCG", "dattri", lambda o: _dattri_if("cg", o)),
     "lissa": ("dattri.IFAttributorLiSSA", "dattri", lambda o: _dattri_if("lissa", o)),
     "arnoldi": ("dattri.IFAttributorArnoldi", "dattri", lambda o: _dattri_if("arnoldi", o)),
@@ -216,16 +241,24 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     from scipy.stats import spearmanr
 
     label, module, adapter = PAIRS[name]
-    row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train), "repeats": repeats}
-    if name not in METHODS:
-        return row | {"status": f"skipped: our {name} is not registered"}
+    method, _, variant = name.partition("@")
+    row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train), "repeats": repeats,
+                           "ours_settings": json.dumps(options, sort_keys=True, default=str)}
+    if method not in METHODS:
+        return row | {"status": f"skipped: our {method} is not registered"}
     try:
         __import__(module)
     except ImportError:
         return row | {"status": f"skipped: {module} is not installed (pip install '.[peers]')"}
-    peer = adapter(options)
+    try:
+        peer = adapter(options)
+    except ValueError as err:
+        return row | {"status": f"skipped: {err}"}
+    row["peer_settings"] = json.dumps(getattr(peer, "settings", {}), sort_keys=True, default=str)
+    if variant == "fast":  # both sides on the same parameters: BN frozen
+        task = replace(task, model=freeze_norm_layers(task.model))
     try:  # an untimed warm-up of both (imports, kernels), then ours and the peer's in turn
-        runs = alternate({"ours": lambda: _ours(task, name, options), "peer": lambda: peer(task)}, repeats, _timed)
+        runs = alternate({"ours": lambda: _ours(task, method, options), "peer": lambda: peer(task)}, repeats, _timed)
     except Exception as err:  # noqa: BLE001 - a failing peer is reported, the others go on
         return row | {"status": f"error: {type(err).__name__}: {err}".splitlines()[0][:300]}
     ours, theirs = runs["ours"][-1][1], runs["peer"][-1][1]
@@ -261,16 +294,16 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[
     import baselines  # noqa: F401  (registers every method)
     task = tiny_task(n, seed, device)
     overrides = method_options or {}
-    rows = [_pair(task, name, method_options(name, PEER_OPTIONS.get(name, {}) | overrides.get(name, {})), repeats)
-            for name in PAIRS]
+    rows = []
+    for name in PAIRS:
+        method = name.partition("@")[0]
+        options = method_options(method, PEER_OPTIONS.get(method, {}) | overrides.get(method, {}))
+        rows.append(_pair(task, name, options, repeats))
     return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":
     import argparse
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)

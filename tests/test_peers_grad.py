@@ -137,3 +137,27 @@ def test_influence_functions_match_dattri(tiny, name):
     theirs, t_peer = _timed(lambda: _dattri_scores(make_peer(_dattri_task(task)), task, sub, test))
     rho = _report(f"{name} vs dattri", ours, theirs, t_ours, t_peer)
     assert min(rho) >= MIN_SPEARMAN
+
+
+def test_captums_fast_path_pairs_with_ours_on_the_same_parameters_and_both_settings_are_recorded():
+    pytest.importorskip("captum")
+    import json
+
+    from bench import peers
+    task = peers.tiny_task(60)
+    options = {"weighting": "lr", "chunk_size": 256}
+    row = peers._pair(task, "tracin@fast", options, repeats=1)
+    assert row["status"] == "ok", row["status"]
+    assert row["peer_spearman"] > 0.999                       # BN frozen on both sides: the same quantity
+    settings = json.loads(row["peer_settings"])
+    assert settings["sample_wise_grads_per_batch"] is True and "BN frozen" in settings["parameters"]
+    assert json.loads(row["ours_settings"]) == options
+    assert peers.PAIRS["tracin"][2](options).settings["sample_wise_grads_per_batch"] is False  # the exact path
+
+
+def test_the_kronfluence_pair_uses_our_damping_or_refuses():
+    from bench import peers
+    run = peers._kronfluence({"batch_size": 64, "damping": 0.1, "damping_mode": "relative"})
+    assert run.settings["damping_factor"].startswith("None = 0.1 x mean eigenvalue")
+    with pytest.raises(ValueError, match="has no kronfluence equivalent"):
+        peers._kronfluence({"batch_size": 64, "damping": 1e-8, "damping_mode": "absolute"})
