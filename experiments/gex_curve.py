@@ -61,6 +61,9 @@ class CurveConfig:
         references: other methods fitted and scored in the same run, as reference points.
         summary_of: glob of record folders pooled into the table and figure after the run ("" = this run only).
         summary_out: folder of the pooled table and figure ("" = this run's folder).
+        summary_only: measure nothing; pool the records of ``summary_of`` into ``summary_out``.
+        knee_auroc, knee_ap, knee_seeds: the knee is the cheapest GEX point whose mean over at least
+            ``knee_seeds`` seeds reaches AUROC >= ``knee_auroc`` and AP >= ``knee_ap``.
     """
 
     members: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
@@ -69,6 +72,10 @@ class CurveConfig:
     references: list[str] = field(default_factory=lambda: ["el2n", "cl", "loss"])
     summary_of: str = ""
     summary_out: str = ""
+    summary_only: bool = False
+    knee_auroc: float = 0.99
+    knee_ap: float = 0.94
+    knee_seeds: int = 3
 
     def __post_init__(self) -> None:
         for key in ("members", "ft_steps"):
@@ -77,6 +84,9 @@ class CurveConfig:
                 raise UsageError(f"curve.{key}={values!r} is invalid; give a non-empty list of positive integers")
         if any(len(p) != 2 or min(p) < 1 for p in self.independent):
             raise UsageError(f"curve.independent={self.independent!r} is invalid; give [[M, ft_step], ...]")
+        if self.summary_only and not (self.summary_of and self.summary_out):
+            raise UsageError("curve.summary_only=true needs curve.summary_of (a glob of record folders) and "
+                             "curve.summary_out")
 
 
 def chain_walls(task: InfluenceTask, cfg: EnsembleConfig) -> list[float]:
@@ -149,14 +159,30 @@ def reference_point(task: InfluenceTask, name: str, seed: int) -> dict:
             "score_s": score_s, "wall_s": fit_s + score_s} | detection_metrics(scores, task.train.is_noisy.cpu(), seed)
 
 
-def summarize(frame: pd.DataFrame, out: Path, title: str) -> pd.DataFrame:
-    """Mean (and std, and seed count) over seeds per point; writes ``curve.md`` and ``curve.png`` into ``out``."""
+def knee(stats: pd.DataFrame, auroc: float, ap: float, seeds: int) -> pd.Series | None:
+    """The cheapest GEX point (mean wall) whose mean over at least ``seeds`` seeds reaches both thresholds."""
+    ok = stats[(stats.method == "gex") & (stats.seeds >= seeds) & (stats.auroc >= auroc) & (stats.ap >= ap)]
+    return None if ok.empty else ok.sort_values("wall_s").iloc[0]
+
+
+def summarize(frame: pd.DataFrame, out: Path, title: str, opts: "CurveConfig | None" = None) -> pd.DataFrame:
+    """Mean (and std, and seed count) over seeds per point, and the knee; writes ``curve.md`` and ``curve.png``
+    into ``out``."""
+    opts = opts or CurveConfig()
+    frame = frame.assign(members_mode=frame.members_mode.fillna(""))
     keys = ["method", "members_mode", "ft_step", "members"]
     stats = frame.groupby(keys, dropna=False).agg(
         seeds=("seed", "nunique"), auroc=("auroc", "mean"), auroc_std=("auroc", "std"), ap=("ap", "mean"),
         ap_std=("ap", "std"), fit_s=("fit_s", "mean"), score_s=("score_s", "mean"), wall_s=("wall_s", "mean"),
     ).reset_index().sort_values(["method", "members_mode", "ft_step", "members"])
-    atomic_write_text(_markdown(stats, title), out / "curve.md")
+    point = knee(stats, opts.knee_auroc, opts.knee_ap, opts.knee_seeds)
+    rule = (f"the cheapest GEX point whose mean over >= {opts.knee_seeds} seeds reaches AUROC >= {opts.knee_auroc} "
+            f"and AP >= {opts.knee_ap}")
+    verdict = (f"Knee ({rule}): M = {point.members}, ft_step = {point.ft_step} ({point.members_mode}), "
+               f"{point.wall_s:.1f} s (fit {point.fit_s:.1f} s + score {point.score_s:.1f} s), AUROC {point.auroc:.4f}, "
+               f"AP {point.ap:.4f}." if point is not None else f"No knee yet: no point is {rule}.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_markdown(stats, title) + f"\n{verdict}\n", out / "curve.md")
     lines = {f"gex {mode} ft_step={steps}": (grp.wall_s.tolist(), grp.auroc.tolist(), grp.ap.tolist(),
                                               [f"M={m}" for m in grp.members])
              for (mode, steps), grp in stats[stats.method == "gex"].groupby(["members_mode", "ft_step"])}
@@ -179,6 +205,10 @@ def _markdown(stats: pd.DataFrame, title: str) -> str:
 def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     """Measure the curve for one seed, write the record, then pool the records of ``curve.summary_of``."""
     opts = typed_config(CurveConfig, cfg.curve, "curve")
+    if opts.summary_only:
+        metrics = _summary_only(opts) | {"task": "gex_curve_summary", "method": "gex"} | versions()
+        RunRecord(run_dir, cfg).write(metrics)
+        return metrics
     if cfg.method.name != "gex":
         raise UsageError(f"gex_curve measures GEX; got method={cfg.method.name}; drop the method override")
     settings = settings_from(cfg)
@@ -200,12 +230,29 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
                 "wall_s_pretrain": task.pretrain_wall_s, "peak_mem_mb": peak_mem_mb(settings.device),
                 "threads": torch.get_num_threads()} | versions()
     record.write(metrics)
-    pooled = [pd.read_csv(p) for p in sorted(glob.glob(f"{opts.summary_of}/curve.csv"))] if opts.summary_of \
-        else [frame]
+    pooled = _pooled(opts.summary_of) if opts.summary_of else frame
     out = Path(opts.summary_out) if opts.summary_out else run_dir
-    stats = summarize(pd.concat(pooled), out, f"GEX accuracy against wall seconds ({settings.data.name})")
+    stats = summarize(pooled, out, f"GEX accuracy against wall seconds ({settings.data.name})", opts)
     print(stats.to_string(index=False))
     return metrics
+
+
+def _pooled(pattern: str) -> pd.DataFrame:
+    paths = sorted(glob.glob(f"{pattern}/curve.csv"))
+    if not paths:
+        raise UsageError(f"curve.summary_of={pattern!r} matches no folder holding curve.csv")
+    return pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[]) for p in paths], ignore_index=True)
+
+
+def _summary_only(opts: CurveConfig) -> dict:
+    """Pool the records of ``summary_of`` into ``summary_out``; returns the knee (or nothing) as metrics."""
+    frame = _pooled(opts.summary_of)
+    data = ", ".join(sorted(set(frame["data"].astype(str))))
+    stats = summarize(frame, Path(opts.summary_out), f"GEX accuracy against wall seconds ({data})", opts)
+    print((Path(opts.summary_out) / "curve.md").read_text())
+    point = knee(stats, opts.knee_auroc, opts.knee_ap, opts.knee_seeds)
+    return {} if point is None else {"knee_members": int(point.members), "knee_ft_step": int(point.ft_step),
+                                     "knee_wall_s": float(point.wall_s)}
 
 
 @hydra.main(config_path="../configs", config_name="gex_curve", version_base="1.3")

@@ -64,3 +64,17 @@ def test_the_passes_compare_settings_and_reproduce_the_shipped_refresh(tmp_path)
     assert metrics["BN refresh, one member / bn_batches 2.spearman_vs_shipped"] == pytest.approx(1.0)
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored["task"] == "gex_passes" and "eval, 2 members / 2 members per pass.speedup" in stored
+
+
+def test_the_knee_is_the_cheapest_point_meeting_both_thresholds_over_enough_seeds(tmp_path):
+    points = [(50, 2, 0.995, 0.95), (50, 4, 0.996, 0.96), (25, 2, 0.985, 0.95), (100, 1, 0.999, 0.99)]
+    rows = [dict(method="gex", members_mode="chain", ft_step=s, members=m, seed=k, fit_s=m * s / 10, score_s=1.0,
+                 wall_s=m * s / 10 + 1.0, auroc=a, ap=p) for (s, m, a, p) in points for k in range(3)
+            if not (s == 100 and k > 0)]                         # the cheapest-looking point has one seed only
+    rows.append(dict(method="loss", members_mode="", ft_step=0, members=0, seed=0, fit_s=0.0, score_s=1.0,
+                     wall_s=1.0, auroc=0.9, ap=0.6))
+    stats = gex_curve.summarize(pd.DataFrame(rows), tmp_path, "test")
+    point = gex_curve.knee(stats, 0.99, 0.94, 3)
+    assert (point.ft_step, point.members) == (50, 2)   # 25 x 2 misses AUROC, 100 x 1 has one seed
+    assert "Knee (the cheapest GEX point whose mean over >= 3 seeds" in (tmp_path / "curve.md").read_text()
+    assert gex_curve.knee(stats, 0.999, 0.99, 3) is None
