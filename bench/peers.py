@@ -6,7 +6,8 @@ Pairs: ``tracin`` vs captum ``TracInCP`` on its default exact path, and ``tracin
 path (``sample_wise_grads_per_batch=True``, Linear/Conv layers only, so BN is frozen on both sides); ``if_cg`` /
 ``lissa`` / ``arnoldi`` / ``trak`` vs dattri's ``IFAttributorCG`` / ``IFAttributorLiSSA`` / ``IFAttributorArnoldi``
 / ``TRAKAttributor``; ``ekfac`` vs kronfluence's EK-FAC with the same damping (its heuristic 0.1 x mean
-eigenvalue, our default). Each row records both sides' settings (``ours_settings``, ``peer_settings``). The tiny
+eigenvalue, our default); ``cl`` vs cleanlab's own cross-validated label quality (its default 5 folds, our recipe
+as the classifier; ours with 5 folds too). Each row records both sides' settings (``ours_settings``, ``peer_settings``). The tiny
 model is the smoke preset's (digits, BN MLP 64-32-10, P ~ 2.5k, 20 epochs with its 5 trajectory checkpoints): a
 micro-benchmark where fixed costs dominate, small enough for every peer's default path. Each side is timed from construction to the scores
 (our ``fit`` + ``self_influence``, the peer's ``cache`` + ``self_attribute``) over ``repeats`` rounds that alternate
@@ -56,7 +57,8 @@ TINY_EPOCHS = 20
 # sides stop at dattri's default of 10 iterations (ours then warns that it stopped before its tolerance).
 # TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
 # mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
-PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128}}
+PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
+                                           "cl": {"folds": 5}}  # cleanlab's default number of folds
 
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
@@ -209,6 +211,59 @@ def _kronfluence(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
     return run
 
 
+class _Classifier:
+    """Our training recipe as the scikit-learn classifier cleanlab cross-validates: ``fit`` trains a fresh model
+    from theta*'s architecture on the rows it is given, ``predict_proba`` returns softmax probabilities."""
+
+    def __init__(self, task: InfluenceTask, epochs: int | None = None, seed: int = 0):
+        self.task, self.epochs, self.seed = task, epochs, seed
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {"task": self.task, "epochs": self.epochs, "seed": self.seed}
+
+    def set_params(self, **params: Any) -> "_Classifier":
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def fit(self, x, y) -> "_Classifier":
+        from gex.data import LabeledData
+        from gex.train import train
+        task = self.task
+        data = LabeledData(torch.as_tensor(x).to(task.device), torch.as_tensor(y).long().to(task.device),
+                           torch.as_tensor(y).long().to(task.device), task.train.num_classes)
+        recipe = replace(task.recipe, epochs=self.epochs or task.recipe.epochs, steps=None, ckpt_fracs=[1.0])
+        self.model_ = task.fresh_model(self.seed)
+        train(self.model_, data, recipe, seed=self.seed, device=task.device, desc="cleanlab fold")
+        return self
+
+    def predict_proba(self, x):
+        from gex.data import LabeledData
+        from gex.train import eval_logits
+        x = torch.as_tensor(x).to(self.task.device)
+        zeros = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        logits = eval_logits(self.model_, LabeledData(x, zeros, zeros, self.task.train.num_classes))
+        return logits.softmax(-1).double().numpy()
+
+
+def _cleanlab_cv(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
+    """cleanlab's own cross-validated label quality: ``estimate_cv_predicted_probabilities`` with its default
+    folds (5, stratified) around our training recipe, then ``get_label_quality_scores`` with our quality method;
+    ``1 - quality`` so that higher = more likely mislabeled, as our ``cl``. The pair runs our ``cl`` with the same
+    number of folds."""
+    def run(task: InfluenceTask) -> Tensor:
+        from cleanlab.count import estimate_cv_predicted_probabilities
+        from cleanlab.rank import get_label_quality_scores
+        labels = task.train.y.cpu().numpy()
+        probs = estimate_cv_predicted_probabilities(task.train.x.cpu().numpy(), labels,
+                                                    clf=_Classifier(task, options["epochs"], task.seed),
+                                                    seed=task.seed)
+        return 1.0 - torch.as_tensor(get_label_quality_scores(labels, probs, method=options["quality_method"]))
+    run.settings = {"function": "cleanlab.count.estimate_cv_predicted_probabilities", "cv_n_folds": "5 (default)",
+                    "classifier": "our recipe per fold", "quality_method": options["quality_method"]}
+    return run
+
+
 # pair -> (peer label, the module the peer needs, adapter built from our method's options). A pair named
 # "<method>@<variant>" runs our <method>; the variant "fast" freezes BN on both sides (captum's fast path skips it).
 PAIRS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Callable[[InfluenceTask], Tensor]]]] = {
@@ -219,6 +274,7 @@ PAIRS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Callable[[InfluenceT
     "arnoldi": ("dattri.IFAttributorArnoldi", "dattri", lambda o: _dattri_if("arnoldi", o)),
     "trak": ("dattri.TRAKAttributor", "dattri", _dattri_trak),
     "ekfac": ("kronfluence.EKFAC", "kronfluence", _kronfluence),
+    "cl": ("cleanlab CV label quality", "cleanlab", _cleanlab_cv),
 }
 
 
