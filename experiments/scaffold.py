@@ -281,9 +281,10 @@ def start_run(cfg: DictConfig, run_dir: Path, logger: RunLogger, *, pairwise: Op
 
 
 def record_fields(cfg: DictConfig, run: TaskRun, job: str) -> dict[str, Any]:
-    """The fields every task's ``metrics.json`` holds besides its metrics."""
+    """The fields every task's ``metrics.json`` holds besides its metrics, and the method's diagnostics (GEX: the
+    share of samples its clamp inverts, ``frac_clamp_inverted``, among others)."""
     s = run.settings
-    return {"method": run.method.name, "data": s.data.name, "model": s.model.name, "seed": s.seed, "task": job,
+    return run.method.diagnostics() | {"method": run.method.name, "data": s.data.name, "model": s.model.name, "seed": s.seed, "task": job,
             "noise_kind": s.noise.kind, "noise_rate": s.noise.rate, "n_train": len(run.task.train),
             "wall_s_pretrain": run.task.pretrain_wall_s, "wall_s_fit": run.times.get("fit", 0.0),
             "wall_s_score": run.times.get("score", 0.0), "wall_s": time.perf_counter() - run.started,

@@ -331,3 +331,21 @@ def test_command_line_error_exits_2_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: task.fractions contains 1.2: each fraction removed must lie in (0, 1)"]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("job", ["prune", "separate", "relabel"])
+def test_every_task_records_the_clamp_diagnostics_of_gex(tmp_path, job):
+    """Not only detection: a GEX run of any task records the share of samples its clamp inverts."""
+    from hydra import compose, initialize_config_dir
+    configs = str(Path(__file__).resolve().parents[1] / "configs")
+    extra = {"prune": ["task.fractions=[0.2]", "task.retrain_epochs=1"],
+             "separate": ["data=mixed", "data.n_train=200", "task.retrain_epochs=1"],
+             "relabel": ["task.retrain_epochs=1"]}[job]
+    with initialize_config_dir(config_dir=configs, version_base="1.3"):
+        cfg = compose(job, overrides=["experiment=smoke", "logger=none", f"paths.cache={tmp_path / 'cache'}",
+                                      "method.reference=clamped", *extra])
+    module = __import__(f"experiments.{job}", fromlist=["run"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = module.run(cfg, run_dir, RunLogger(cfg, run_dir, job))
+    assert 0.0 <= metrics["frac_clamp_inverted"] <= 1.0 and metrics["tau"] == 0.05
