@@ -27,6 +27,8 @@ class BenchConfig:
         grad_n: samples of the gradient-path comparison.
         grad_chunk: samples per per-sample-gradient chunk.
         floor: time GEX's bare-compute floor.
+        floor_n: training samples at which GEX and its floor are timed (with GEX's shipped options); None =
+            ``n_train``.
         peers: compare with installed peer libraries (captum, dattri, kronfluence).
         peer_n: training samples of the peer comparison (test samples: half of it).
         peer_repeats: timed rounds of each peer pair, ours and the peer alternating (medians reported).
@@ -52,6 +54,7 @@ class BenchConfig:
     grad_n: int = 2000
     grad_chunk: int = 256
     floor: bool = True
+    floor_n: int | None = None
     peers: bool = False
     peer_n: int = 200
     peer_repeats: int = 3
@@ -62,6 +65,8 @@ class BenchConfig:
     speed_repeats: int = 3
 
     def __post_init__(self) -> None:
+        if self.floor_n is not None and self.floor_n < 1:
+            raise ValueError(f"bench.floor_n={self.floor_n} must be a positive integer or null")
         for key in ("n_train", "repeats", "sweep_repeats", "grad_n", "grad_chunk", "peer_n", "peer_repeats",
                     "speed_members", "speed_steps", "speed_repeats"):
             if getattr(self, key) < 1:

@@ -137,12 +137,19 @@ def _jobs(cfg: DictConfig, opts: BenchConfig, names: list[str]) -> list[dict[str
     jobs = []
     for name in names + [m for m in opts.sweep_methods if m in METHODS and m not in names]:
         points = {opts.n_train: opts.repeats} if name in names else {}
+        floor = opts.floor and name == "gex" and name in names
+        if floor:
+            points[_floor_n(opts)] = opts.repeats
         for n in (opts.sweep_n if name in sweep else []):
             points.setdefault(n, opts.sweep_repeats)
         jobs.append({"cfg": container, "method": name, "points": sorted(points.items()),
                      "options": method_options(name, opts.method_options.get(name, {})), "warmup": opts.warmup,
-                     "floor": opts.floor and name == "gex", "floor_n": opts.n_train, "isolated": opts.isolate})
+                     "floor": floor, "floor_n": _floor_n(opts), "isolated": opts.isolate})
     return jobs
+
+
+def _floor_n(opts: BenchConfig) -> int:
+    return opts.floor_n or opts.n_train
 
 
 def _sweep_plot(sweep: pd.DataFrame, path: Path) -> None:
@@ -191,6 +198,17 @@ def _metrics(table: pd.DataFrame, grads: pd.DataFrame, peers: pd.DataFrame | Non
             out |= {f"{row['method']}.peer_time_ratio": float(row["peer_time_ratio"]),
                     f"{row['method']}.peer_spearman": float(row["peer_spearman"])}
     return out
+
+
+def _floor_metrics(floor: pd.DataFrame) -> dict[str, float]:
+    """``gex.ratio_to_floor`` (the ratio of medians) with its per-round range, at ``bench.floor_n``."""
+    keys = ("floor_s", "floor_bn_s", "ratio_to_floor", "ratio_to_floor_min", "ratio_to_floor_max",
+            "ratio_to_floor_cpu", "n")
+    ok = floor[floor.get("status", pd.Series(dtype=str)) == "ok"] if not floor.empty else floor
+    if ok.empty or "ratio_to_floor" not in ok:
+        return {}
+    row = ok.iloc[0]
+    return {f"gex.{k}" if k != "n" else "gex.floor_n": float(row[k]) for k in keys if k in row and pd.notna(row[k])}
 
 
 def _hardware() -> str:
@@ -245,7 +263,7 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     register_methods()
     names = _registered(list(opts.methods))
     _, task = load_task(settings, logger)  # pretrains once; each method's process reuses the cached theta*
-    largest = max([opts.n_train, *opts.sweep_n])
+    largest = max([opts.n_train, _floor_n(opts), *opts.sweep_n])
     if largest > len(task.train):
         raise UsageError(f"bench needs {largest} training samples (bench.n_train / bench.sweep_n) but data.n_train "
                          f"gives {len(task.train)}; raise data.n_train or lower them")
@@ -254,9 +272,11 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     grads = grad_path_table(task, opts)
     frame = _method_rows(cfg, opts, run_dir, names)
     table = frame[frame["method"].isin(names) & (frame["n"] == opts.n_train)].reset_index(drop=True)
+    floor = frame[(frame["method"] == "gex") & (frame["n"] == _floor_n(opts))].reset_index(drop=True)
     sweep = frame[frame["method"].isin(opts.sweep_methods) & (frame["status"] == "ok")].reset_index(drop=True)
     peers = _peer_table(task, opts) if opts.peers else None
     sections = {"Methods": write_table(table, run_dir / "bench_methods"),
+                f"GEX against its compute floor (n = {_floor_n(opts)})": write_table(floor, run_dir / "bench_floor"),
                 "Per-sample-gradient paths": write_table(grads, run_dir / "bench_grads"),
                 "Scaling sweep": write_table(sweep, run_dir / "bench_sweep")}
     if peers is not None:
@@ -267,7 +287,7 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     if len(sweep):
         _sweep_plot(sweep, run_dir / "bench_sweep.png")
     _summary(run_dir, sections)
-    metrics = _metrics(table, grads, peers) | {
+    metrics = _metrics(table, grads, peers) | _floor_metrics(floor) | {
         "task": "bench", "method": "bench", "data": settings.data.name, "model": settings.model.name,
         "seed": settings.seed, "n_train": opts.n_train, "repeats": opts.repeats, "isolated": int(opts.isolate),
         "hardware": _hardware(), "wall_s": time.perf_counter() - start} | versions()

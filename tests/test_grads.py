@@ -230,10 +230,12 @@ def test_bench_smoke_writes_its_record(tmp_path):
     configs = str(Path(__file__).resolve().parents[1] / "configs")
     overrides = ["data=digits", "data.n_train=200", "data.n_test=50", "model=mlp", "model.options.hidden=16",
                  "model.options.depth=1", "train=smoke", f"paths.cache={tmp_path / 'cache'}", "bench.n_train=200",
-                 "bench.methods=[loss,grad_dot,not_a_method]", "bench.sweep_methods=[grad_dot]",
+                 "bench.sweep_methods=[grad_dot]",
                  "bench.sweep_n=[100,200]", "bench.repeats=1", "bench.grad_n=64", "bench.grad_chunk=32",
                  "bench.grad_paths=[hooks,vmap]", "bench.isolate=false", "bench.warmup=false",
-                 "bench.member_batches=[1,2]", "bench.speed_members=2", "bench.speed_steps=4"]
+                 "bench.member_batches=[1,2]", "bench.speed_members=2", "bench.speed_steps=4",
+                 "bench.floor_n=100", "bench.methods=[loss,grad_dot,gex,not_a_method]",
+                 "+bench.method_options.gex={num_members:2,ft_step:3,bn_batches:1,ft_batch_size:32}"]
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose("bench", overrides=overrides)
     run_dir = tmp_path / "run"
@@ -245,6 +247,10 @@ def test_bench_smoke_writes_its_record(tmp_path):
         assert stored[f"{name}.wall_s"] > 0 and stored[f"{name}.samples_per_s"] > 0
         assert stored[f"{name}.peak_mem_mb"] > 0
     assert "not_a_method.wall_s" not in stored
+    # GEX against its floor at bench.floor_n: the ratio of the medians, inside the range of the per-round ratios
+    assert stored["gex.floor_n"] == 100 and stored["gex.floor_s"] > 0 and stored["gex.floor_bn_s"] > 0
+    assert stored["gex.ratio_to_floor_min"] <= stored["gex.ratio_to_floor"] <= stored["gex.ratio_to_floor_max"] \
+        or stored["gex.ratio_to_floor_min"] == stored["gex.ratio_to_floor_max"]
     assert stored["grad_dot.grad_forwards"] >= 1                       # the per-sample-gradient forwards
     assert stored["grads.vmap.ratio_to_hooks"] > 0 and stored["grads.hooks.ratio_to_hooks"] == 1
     for stem in ("bench_methods", "bench_grads", "bench_sweep", "bench_speed"):
