@@ -159,6 +159,18 @@ def reference_point(task: InfluenceTask, name: str, seed: int) -> dict:
             "score_s": score_s, "wall_s": fit_s + score_s} | detection_metrics(scores, task.train.is_noisy.cpu(), seed)
 
 
+def on_frontier(stats: pd.DataFrame) -> list[str]:
+    """Per row, the metrics (``auroc``, ``ap``) on which no other row is both at least as accurate and cheaper:
+    the accuracy-cost frontier."""
+    marks = []
+    for row in stats.itertuples():
+        hits = [m for m in ("auroc", "ap") if not any(
+            (getattr(o, m) >= getattr(row, m) and o.wall_s < row.wall_s) or
+            (getattr(o, m) > getattr(row, m) and o.wall_s <= row.wall_s) for o in stats.itertuples())]
+        marks.append(" ".join(h.upper() for h in hits))
+    return marks
+
+
 def knee(stats: pd.DataFrame, auroc: float, ap: float, seeds: int) -> pd.Series | None:
     """The cheapest GEX point (mean wall) whose mean over at least ``seeds`` seeds reaches both thresholds."""
     ok = stats[(stats.method == "gex") & (stats.seeds >= seeds) & (stats.auroc >= auroc) & (stats.ap >= ap)]
@@ -175,6 +187,7 @@ def summarize(frame: pd.DataFrame, out: Path, title: str, opts: "CurveConfig | N
         seeds=("seed", "nunique"), auroc=("auroc", "mean"), auroc_std=("auroc", "std"), ap=("ap", "mean"),
         ap_std=("ap", "std"), fit_s=("fit_s", "mean"), score_s=("score_s", "mean"), wall_s=("wall_s", "mean"),
     ).reset_index().sort_values(["method", "members_mode", "ft_step", "members"])
+    stats["frontier"] = on_frontier(stats)
     point = knee(stats, opts.knee_auroc, opts.knee_ap, opts.knee_seeds)
     rule = (f"the cheapest GEX point whose mean over >= {opts.knee_seeds} seeds reaches AUROC >= {opts.knee_auroc} "
             f"and AP >= {opts.knee_ap}")
@@ -188,17 +201,19 @@ def summarize(frame: pd.DataFrame, out: Path, title: str, opts: "CurveConfig | N
              for (mode, steps), grp in stats[stats.method == "gex"].groupby(["members_mode", "ft_step"])}
     refs = {row.method: (row.wall_s, row.auroc, row.ap) for row in stats[stats.method != "gex"].itertuples()}
     plots.plot_accuracy_cost(lines, refs, title, out / "curve.png")
+    if len(refs) > 3:  # a campaign with many methods: the whole range, every method named
+        plots.plot_accuracy_cost(lines, refs, f"{title}: every method", out / "frontier.png", clip=False)
     return stats
 
 
 def _markdown(stats: pd.DataFrame, title: str) -> str:
-    head = ("| method | members | ft_step | M | seeds | AUROC | AP | fit s | score s | total s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | members | ft_step | M | seeds | AUROC | AP | fit s | score s | total s | on the frontier |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     def pm(mean, std):
         return f"{mean:.4f}" + (f" ± {std:.4f}" if std == std else "")  # std is NaN for one seed
     body = "".join(f"| {r.method} | {r.members_mode or '-'} | {r.ft_step or '-'} | {r.members or '-'} | {r.seeds} | "
                    f"{pm(r.auroc, r.auroc_std)} | {pm(r.ap, r.ap_std)} | {r.fit_s:.1f} | {r.score_s:.1f} | "
-                   f"{r.wall_s:.1f} |\n" for r in stats.itertuples())
+                   f"{r.wall_s:.1f} | {r.frontier} |\n" for r in stats.itertuples())
     return f"# {title}\n\n{head}{body}"
 
 

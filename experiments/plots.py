@@ -306,7 +306,8 @@ def plot_cost_quality(points: Mapping[str, tuple[Sequence[float], Sequence[float
 
 
 def plot_accuracy_cost(lines: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[str]]],
-                       refs: Mapping[str, tuple[float, float, float]], title: str, path: str | Path) -> list[Path]:
+                       refs: Mapping[str, tuple[float, float, float]], title: str, path: str | Path,
+                       clip: bool = True) -> list[Path]:
     """AUROC and AP against wall seconds (log axis): one line per setting, reference methods as stars.
 
     Args:
@@ -314,18 +315,32 @@ def plot_accuracy_cost(lines: Mapping[str, tuple[Sequence[float], Sequence[float
         refs: method -> ``(seconds, auroc, ap)``.
         title: figure title.
         path: output stem.
+        clip: zoom on the lines; references far below them are marked on the bottom edge with their value.
 
     Returns:
         ``[png, pdf]``.
     """
     fig, axes = _grid(2, 2)
     for ax, which, name in ((axes[0], 1, "AUROC"), (axes[1], 2, "AP")):
+        values = [v for line in lines.values() for v in line[which]]
+        if not clip:
+            values += [point[which] for point in refs.values()]
+        low = min(values) - 0.1 * (max(values) - min(values) + 1e-3)
         for label, line in lines.items():
             ax.plot(line[0], line[which], marker="o", markersize=3, label=label)
             for x, y, text in zip(line[0], line[which], line[3]):
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(2, 2), fontsize=5)
         for method, point in refs.items():
-            ax.plot([point[0]], [point[which]], marker="*", markersize=9, linestyle="none", label=method)
+            if point[which] >= low:
+                ax.plot([point[0]], [point[which]], marker="*", markersize=9, linestyle="none", label=method)
+                if not clip:
+                    ax.annotate(method, (point[0], point[which]), textcoords="offset points", xytext=(3, -8),
+                                fontsize=6)
+            else:  # far below GEX (e.g. the plain loss): marked on the bottom edge with its value
+                ax.plot([point[0]], [low], marker="v", markersize=7, linestyle="none", label=f"{method} (below)")
+                ax.annotate(f"{method}: {point[which]:.3f}", (point[0], low), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6)
+        ax.set_ylim(bottom=low)
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
         ax.set_xlabel("wall seconds (fit + score)")
