@@ -80,8 +80,9 @@ class CurveConfig:
     def __post_init__(self) -> None:
         for key in ("members", "ft_steps"):
             values = getattr(self, key)
-            if not values or any(int(v) < 1 for v in values):
-                raise UsageError(f"curve.{key}={values!r} is invalid; give a non-empty list of positive integers")
+            if any(int(v) < 1 for v in values) or (not values and not (key == "ft_steps" and self.independent)):
+                raise UsageError(f"curve.{key}={values!r} is invalid; give a non-empty list of positive integers "
+                                 f"(ft_steps may be empty when curve.independent gives the points)")
         if any(len(p) != 2 or min(p) < 1 for p in self.independent):
             raise UsageError(f"curve.independent={self.independent!r} is invalid; give [[M, ft_step], ...]")
         if self.summary_only and not (self.summary_of and self.summary_out):
