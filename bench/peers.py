@@ -39,6 +39,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.grad_paths import freeze_norm_layers
+from bench.methods import method_options
 from bench.tables import markdown_table
 from bench.timing import alternate, median_ratios
 from gex.attribution import METHODS, InfluenceTask, build_method
@@ -330,7 +331,7 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
                   "peer_time_ratio_min": ratio["ratio_min"], "peer_time_ratio_max": ratio["ratio_max"]}
 
 
-def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[str, dict[str, Any]] | None = None,
+def peer_table(n: int, seed: int = 0, device: str = "cpu", overrides: dict[str, dict[str, Any]] | None = None,
                repeats: int = 3) -> pd.DataFrame:
     """One row per pair in ``PAIRS`` on ``tiny_task(n)``: median times, ``peer_time_ratio`` (and its per-round
     range), ``peer_spearman``, status.
@@ -339,7 +340,7 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[
         n: training samples of the tiny task.
         seed: its seed.
         device: where both sides run.
-        method_options: per-method overrides on top of ``configs/method/<name>.yaml``.
+        overrides: per-method options on top of ``configs/method/<name>.yaml`` (and ``PEER_OPTIONS``).
         repeats: timed rounds per pair, ours and the peer alternating.
 
     Raises:
@@ -349,7 +350,7 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", method_options: dict[
         raise ValueError(f"peer_table: repeats={repeats} must be a positive integer (bench.peer_repeats, --repeats)")
     import baselines  # noqa: F401  (registers every method)
     task = tiny_task(n, seed, device)
-    overrides = method_options or {}
+    overrides = overrides or {}
     rows = []
     for name in PAIRS:
         method = name.partition("@")[0]

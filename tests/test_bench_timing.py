@@ -104,3 +104,14 @@ def test_peer_pair_alternates_and_reports_medians(monkeypatch):
     assert row["peer_time_ratio"] == 3.0 / 1.125
     assert (row["peer_time_ratio_min"], row["peer_time_ratio_max"]) == (2.0 / 5.0, 9.0 / 1.125)
     assert row["peer_spearman"] == pytest.approx(-1.0)
+
+
+def test_peer_table_runs_every_pair_with_its_options(monkeypatch):
+    seen = {}
+
+    def adapter(options):
+        seen.update(options)
+        return lambda task: -torch.arange(len(task.train), dtype=torch.float64)
+    monkeypatch.setattr(peers, "PAIRS", {"grad_dot": ("fake.Peer", "math", adapter)})
+    frame = peers.peer_table(40, repeats=1, overrides={"grad_dot": {"chunk_size": 7}})
+    assert list(frame["status"]) == ["ok"] and seen["chunk_size"] == 7
