@@ -361,10 +361,20 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", overrides: dict[str, 
 
 if __name__ == "__main__":
     import argparse
+    from pathlib import Path
+
+    from gex.runs import atomic_write_text
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per pair (ours and peer alternating)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_peers.csv / .md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(markdown_table(peer_table(args.n, repeats=args.repeats)))
+    table = peer_table(args.n, repeats=args.repeats)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(table.to_csv(index=False), args.out / "bench_peers.csv")
+        atomic_write_text(f"n = {args.n}, {args.threads} thread(s), {args.repeats} alternating rounds, torch "
+                          f"{torch.__version__}\n\n{markdown_table(table)}\n", args.out / "bench_peers.md")
+    print(markdown_table(table))
