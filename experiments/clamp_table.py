@@ -21,8 +21,10 @@ from gex.runs import atomic_write_text
 
 __all__ = ["rule_of", "load_records", "tables", "main"]
 
-DEFAULT_RUNS = ("results/clamp", "results/prune/fmnist10k_clean", "results/separate/mnist5k_digits")
+DEFAULT_RUNS = ("results/clamp", "results/detect/fmnist10k", "results/prune/fmnist10k_clean",
+                "results/separate/mnist5k_digits")
 GEX_NAMES = ("gex", "gex_clamped")
+OTHERS = ("loss", "el2n", "trak")  # the other methods shown beside the rules (the references of the settings)
 
 
 def rule_of(config: dict) -> str | None:
@@ -63,6 +65,8 @@ def load_records(folders: list[Path]) -> list[dict]:
             if metrics.get("task") not in ("detect", "prune", "separate"):
                 continue
             label = rule_of(config) or metrics.get("method")
+            if rule_of(config) is None and label not in OTHERS:
+                continue
             out.append({"setting": _setting(metrics, config), "label": label, "seed": int(metrics.get("seed", 0)),
                         "path": str(path.parent), **metrics})
     return out
