@@ -132,7 +132,7 @@ class GEX(Attributor):
     default_reference = "fit_aware"
     evaluates_members = True  # GEXLin evaluates the linearized network instead: eval_batched does not apply
 
-    def __init__(self, num_members: int = 8, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
+    def __init__(self, num_members: int = 2, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
                  ft_batch_size: int = 128, ft_augment: bool = True, num_chains: int = 1, members: str = "chain",
                  eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 50,
                  top_frac: float = 0.1, warn_inverted_frac: float = 0.05, batch_size: int = 1024,
