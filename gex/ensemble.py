@@ -97,7 +97,7 @@ class EnsembleConfig:
     members: str = "chain"
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    bn_batches: int = 50
+    bn_batches: int = 20
     batch_members: int = 1
 
     def __post_init__(self) -> None:

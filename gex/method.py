@@ -134,8 +134,8 @@ class GEX(Attributor):
 
     def __init__(self, num_members: int = 2, ft_step: int = 200, ft_lr: float = 0.05, ft_schedule: str = "cosine",
                  ft_batch_size: int = 128, ft_augment: bool = True, num_chains: int = 1, members: str = "chain",
-                 eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 50,
-                 top_frac: float = 0.1, warn_inverted_frac: float = 0.05, batch_size: int = 1024,
+                 eps: float = 0.05, weight_decay: float = 5e-4, momentum: float = 0.9, bn_batches: int = 20,
+                 top_frac: float = 0.1, warn_inverted_frac: float = 0.05, batch_size: int = 128,
                  batch_members: int = 1, eval_batched: bool = False, eval_members: int = 8,
                  reference: str | None = None, eps_quantile: float | None = None):
         self.config = EnsembleConfig(num_members, ft_step, ft_lr, ft_schedule, ft_batch_size, ft_augment,
