@@ -30,10 +30,10 @@ data: ## install Fashion-MNIST (Debian package dataset-fashion-mnist) when it is
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the IDX .gz files under data/fashion_mnist/, or pass data.download=true"; exit 1; \
 	fi
 
-# Methods of the demo. Left out for time (measured at the default scale, README): arnoldi (31 min fit), la_kfac
-# (16 min, and inverted by its clamp at the authors' settings), gex_lin (6 min); if_exact/if_cg/lissa need a small
+# Methods of the demo. Left out for time (measured at the default scale, results/README.md): arnoldi (31 min fit), la_kfac
+# (16 min, and inverted by its clamp at the authors' settings), gex_lin (scores by JVPs: minutes); if_exact/if_cg/lissa need a small
 # model or few samples. Add them back with `make demo DEMO_METHODS=...`.
-DEMO_METHODS ?= gex,gex_mean_loss,loss,random,forgetting,knn,el2n,cl,tracin,tracin_rp,randproj,grad_dot,trak,ekfac
+DEMO_METHODS ?= gex,gex_clamped,gex_mean_loss,aum,loss,random,forgetting,knn,el2n,cl,tracin,tracin_rp,randproj,grad_dot,trak,ekfac
 DEMO_RUNS ?= outputs/demo
 
 demo: setup data ## CPU detection benchmark: every method on Fashion-MNIST 10k, 10% noise, then the table
