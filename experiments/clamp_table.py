@@ -54,8 +54,9 @@ def _setting(metrics: dict, config: dict) -> str:
 
 
 def load_records(folders: list[Path]) -> list[dict]:
-    """One dict per finished run under ``folders``: ``setting``, ``label`` (rule or method), ``seed``, metrics."""
-    out = []
+    """One dict per finished run under ``folders``: ``setting``, ``label`` (rule or method), ``seed``, metrics. A
+    (setting, label, seed) seen again in a later folder is skipped: the first folder's run counts."""
+    out, seen = [], set()
     for folder in folders:
         for path in sorted(Path(folder).rglob("metrics.json")):
             config_path = path.with_name("config.yaml")
@@ -65,10 +66,11 @@ def load_records(folders: list[Path]) -> list[dict]:
             if metrics.get("task") not in ("detect", "prune", "separate"):
                 continue
             label = rule_of(config) or metrics.get("method")
-            if rule_of(config) is None and label not in OTHERS:
+            key = (_setting(metrics, config), label, int(metrics.get("seed", 0)))
+            if (rule_of(config) is None and label not in OTHERS) or key in seen:
                 continue
-            out.append({"setting": _setting(metrics, config), "label": label, "seed": int(metrics.get("seed", 0)),
-                        "path": str(path.parent), **metrics})
+            seen.add(key)
+            out.append({"setting": key[0], "label": label, "seed": key[2], "path": str(path.parent), **metrics})
     return out
 
 
