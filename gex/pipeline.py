@@ -27,10 +27,16 @@ __all__ = ["pretrain_spec", "pretrained_task", "pretrain_metrics", "fitted_train
 log = logging.getLogger(__name__)
 
 
+# What a cached pretraining record holds; bumped when it gains contents, so an older record (without them) is
+# retrained instead of reused: 2 = the per-sample margins of AUM.
+PRETRAIN_RECORD = 2
+
+
 def pretrain_spec(bundle: DataBundle, model: ModelConfig, recipe: TrainConfig, seed: int) -> dict[str, Any]:
-    """What determines a pretrained checkpoint: the data itself (digests), the architecture, recipe and seed."""
+    """What determines a pretrained checkpoint: the data itself (digests), the architecture, recipe and seed, and
+    the record's contents version."""
     return {"train_data": bundle.train.digest(), "test_data": bundle.test.digest(), "model": asdict(model),
-            "train": recipe.cache_spec(), "seed": seed}
+            "train": recipe.cache_spec(), "seed": seed, "record": PRETRAIN_RECORD}
 
 
 def _train_fresh(bundle, model_cfg, recipe, seed, device, log_fn, resume: ResumeFile | None) -> dict[str, Any]:
