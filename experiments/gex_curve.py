@@ -94,14 +94,18 @@ def chain_walls(task: InfluenceTask, cfg: EnsembleConfig) -> list[float]:
     """Build the ``cfg.num_members`` members one at a time and return each member's measured cycle seconds.
 
     The seconds are kept in the artefact cache beside the members, so a resumed or repeated curve reports the
-    walls measured when each member was trained (never the near-zero time of loading it).
+    walls measured when each member was trained, never the near-zero time of loading it; a member that another run
+    trained (no wall recorded) gets NaN.
     """
     spec = {"pretrain": task.cache_spec, "loss": task.loss, "ensemble": cfg.member_spec()}
     walls = list(task.cache.load("member_walls", spec, "walls") or []) if task.cache is not None else []
+    folder = task.cache.directory("ensemble", spec) if task.cache is not None else None
     for m in range(len(walls), cfg.num_members):
+        # a member some other run trained has no measured wall: NaN, never the time of loading it
+        found = folder is not None and (folder / f"member_{m}.pt").is_file()
         begin = time.perf_counter()
         build_ensemble(task, replace(cfg, num_members=m + 1))
-        walls.append(time.perf_counter() - begin)
+        walls.append(float("nan") if found else time.perf_counter() - begin)
         if task.cache is not None:
             task.cache.save("member_walls", spec, "walls", walls)
     return walls[:cfg.num_members]

@@ -78,3 +78,17 @@ def test_the_knee_is_the_cheapest_point_meeting_both_thresholds_over_enough_seed
     assert (point.ft_step, point.members) == (50, 2)   # 25 x 2 misses AUROC, 100 x 1 has one seed
     assert "Knee (the cheapest GEX point whose mean over >= 3 seeds" in (tmp_path / "curve.md").read_text()
     assert gex_curve.knee(stats, 0.999, 0.99, 3) is None
+
+
+def test_a_member_trained_by_another_run_has_no_wall_rather_than_its_load_time(tmp_path):
+    from experiments.gex_curve import chain_walls
+    cfg = _compose("gex_curve", tmp_path)
+    _, task = load_task(settings_from(cfg))
+    gex = GEX(num_members=2, ft_step=3, ft_batch_size=32, bn_batches=2).fit(task)   # members cached, walls not
+    walls = chain_walls(task, replace_config(gex.config, num_members=3))
+    assert all(w != w for w in walls[:2]) and walls[2] > 0                    # NaN, NaN, then a measured cycle
+
+
+def replace_config(config, **changes):
+    from dataclasses import replace
+    return replace(config, **changes)
