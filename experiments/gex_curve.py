@@ -39,7 +39,7 @@ from experiments.scaffold import (
 )
 from gex.attribution import InfluenceTask
 from gex.ensemble import EnsembleConfig, build_ensemble
-from gex.evaluation import per_sample_losses
+from gex.evaluation import losses_for_states
 from gex.runs import atomic_write_text
 from gex.utils import peak_mem_mb
 
@@ -112,19 +112,14 @@ def chain_walls(task: InfluenceTask, cfg: EnsembleConfig) -> list[float]:
 
 
 def member_pass_losses(task: InfluenceTask, ensemble, batch_size: int) -> tuple[torch.Tensor, list[float]]:
-    """Member losses ``(n, M)`` and the measured seconds of each member's evaluation pass."""
-    model = task.model
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Member losses ``(n, M)`` and the measured seconds of each member's evaluation pass (the shared
+    ``losses_for_states``, timed one member at a time)."""
     columns, walls = [], []
-    try:
-        for state in ensemble:
-            begin = time.perf_counter()
-            model.load_state_dict(state)
-            columns.append(per_sample_losses(model, task.train, task.loss, batch_size))
-            walls.append(time.perf_counter() - begin)
-    finally:
-        model.load_state_dict(original)
-    return torch.stack(columns, dim=1), walls
+    for state in ensemble:
+        begin = time.perf_counter()
+        columns.append(losses_for_states(task.model, [state], task.train, task.loss, batch_size, desc="member"))
+        walls.append(time.perf_counter() - begin)
+    return torch.cat(columns, dim=1), walls
 
 
 def curve_points(task: InfluenceTask, gex_cfg: DictConfig, members: list[int], ft_step: int, mode: str,
