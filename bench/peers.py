@@ -1,4 +1,5 @@
-"""Our methods against installed peer libraries on one tiny model: wall time ratio and Spearman of self-influence.
+"""Our methods against installed peer libraries: the micro-benchmark on one tiny model (``peer_table``) and the
+campaign at a chosen scale (``peer_campaign``, run by ``python -m experiments.peers``): time ratio, Spearman, AUROC / AP.
 
     python -m experiments.bench bench.peers=true [bench.peer_n=200]      (or: python -m bench.peers [--n 200])
 
@@ -48,7 +49,8 @@ from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
 from gex.train import TrainConfig
 
-__all__ = ["PAIRS", "PEER_OPTIONS", "tiny_task", "peer_table"]
+__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "tiny_task", "peer_table", "peer_campaign",
+           "cost_split"]
 
 TINY_MODEL = {"hidden": 32, "depth": 1}
 TINY_EPOCHS = 20
@@ -58,8 +60,12 @@ TINY_EPOCHS = 20
 # sides stop at dattri's default of 10 iterations (ours then warns that it stopped before its tolerance).
 # TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
 # mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
+PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK)
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
                                            "cl": {"folds": 5}}  # cleanlab's default number of folds
+# At the default scale (Fashion-MNIST, cnn_small) every method keeps its shipped options, except cl's folds,
+# which follow cleanlab's default on both sides.
+DEFAULT_SCALE_OPTIONS: dict[str, dict[str, Any]] = {"cl": {"folds": 5}}
 
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
@@ -70,6 +76,8 @@ def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
 
 
 def _loader(task: InfluenceTask, batch_size: int | None = None) -> DataLoader:
+    """The training set in order, in one batch unless ``batch_size`` is given (the curvature peers need one batch:
+    dattri sums its inverse-HVPs over the loader's batches, so only one batch gives the full-data inverse)."""
     data = TensorDataset(task.train.x, task.train.y)
     return DataLoader(data, batch_size=batch_size or len(data), shuffle=False)
 
@@ -135,7 +143,8 @@ def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
         attributor = TRAKAttributor(dtask, prob, projector_kwargs={"proj_dim": options["proj_dim"],
                                                                    "device": str(task.device)},
                                     device=str(task.device), regularization=options["damping"])
-        return attributor.self_attribute(_loader(task))  # dattri refuses a loader after cache(); none fails
+        # dattri refuses a loader after cache(); none fails
+        return attributor.self_attribute(_loader(task, min(len(task.train), PEER_BATCH)))
     return run
 
 
@@ -155,10 +164,10 @@ def _captum_tracin(options: dict[str, Any], fast: bool = False) -> Callable[[Inf
             return states[key].lr if use_lr else 1.0 / len(states)
         loss = nn.CrossEntropyLoss(reduction="sum" if fast else "none")  # captum's fast path wants a summed loss
         tracin = TracInCP(model, TensorDataset(task.train.x, task.train.y), list(states), load, loss_fn=loss,
-                          batch_size=len(task.train), sample_wise_grads_per_batch=fast)
+                          batch_size=min(len(task.train), PEER_BATCH), sample_wise_grads_per_batch=fast)
         return tracin.self_influence(show_progress=False)
     run.settings = {"class": "captum.influence.TracInCP", "sample_wise_grads_per_batch": fast,
-                    "checkpoint_weight": options["weighting"], "batch_size": "n (one batch)",
+                    "checkpoint_weight": options["weighting"], "batch_size": f"min(n, {PEER_BATCH})",
                     "parameters": "Linear/Conv (BN frozen)" if fast else "all trainable"}
     return run
 
@@ -293,8 +302,20 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
     return time.perf_counter() - start, torch.as_tensor(out).detach().reshape(-1).double().cpu()
 
 
-def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
-    """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores."""
+def _detection(scores: Tensor, noisy: Tensor) -> tuple[float, float]:
+    """AUROC and AP of ``scores`` (higher = more likely mislabeled) against the noise mask; NaN without both kinds."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    if noisy.all() or not noisy.any():
+        return float("nan"), float("nan")
+    y, s = noisy.numpy(), scores.numpy()
+    return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
+
+
+def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int = 3,
+          warmup: bool = True) -> dict[str, Any]:
+    """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores,
+    and both sides' detection AUROC / AP on ``task``'s noise. ``warmup=False`` skips the untimed first call of each
+    side (a campaign warms up once, at its first size)."""
     from scipy.stats import spearmanr
 
     label, module, adapter = PAIRS[name]
@@ -314,8 +335,9 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     row["peer_settings"] = json.dumps(getattr(peer, "settings", {}), sort_keys=True, default=str)
     if variant == "fast":  # both sides on the same parameters: BN frozen
         task = replace(task, model=freeze_norm_layers(task.model))
+    fns = {"ours": lambda: _ours(task, method, options), "peer": lambda: peer(task)}
     try:  # an untimed warm-up of both (imports, kernels), then ours and the peer's in turn
-        runs = alternate({"ours": lambda: _ours(task, method, options), "peer": lambda: peer(task)}, repeats, _timed)
+        runs = alternate(fns, repeats, _timed, warmups=None if warmup else {})
     except Exception as err:  # noqa: BLE001 - a failing peer is reported, the others go on
         return row | {"status": f"error: {type(err).__name__}: {err}".splitlines()[0][:300]}
     ours, theirs = runs["ours"][-1][1], runs["peer"][-1][1]
@@ -325,16 +347,27 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     if bad:
         return row | {"status": f"error: {bad} non-finite scores (ours and peer's together)"}
     ratio = median_ratios({k: [r[0] for r in v] for k, v in runs.items()}, "peer")["ours"]
+    noisy = task.train.is_noisy.cpu()
+    (ours_auroc, ours_ap), (peer_auroc, peer_ap) = _detection(ours, noisy), _detection(theirs, noisy)
     return row | {"status": "ok", "ours_s": statistics.median(r[0] for r in runs["ours"]),
                   "peer_s": statistics.median(r[0] for r in runs["peer"]), "peer_time_ratio": ratio["ratio"],
                   "peer_spearman": float(spearmanr(ours.numpy(), theirs.numpy())[0]),
-                  "peer_time_ratio_min": ratio["ratio_min"], "peer_time_ratio_max": ratio["ratio_max"]}
+                  "peer_time_ratio_min": ratio["ratio_min"], "peer_time_ratio_max": ratio["ratio_max"],
+                  "ours_auroc": ours_auroc, "ours_ap": ours_ap, "peer_auroc": peer_auroc, "peer_ap": peer_ap,
+                  "ours_rounds_s": json.dumps([round(r[0], 3) for r in runs["ours"]]),
+                  "peer_rounds_s": json.dumps([round(r[0], 3) for r in runs["peer"]])}
+
+
+def _options(name: str, overrides: dict[str, dict[str, Any]], tiny: bool) -> dict[str, Any]:
+    method = name.partition("@")[0]
+    base = PEER_OPTIONS.get(method, {}) if tiny else DEFAULT_SCALE_OPTIONS.get(method, {})
+    return method_options(method, base | overrides.get(method, {}))
 
 
 def peer_table(n: int, seed: int = 0, device: str = "cpu", overrides: dict[str, dict[str, Any]] | None = None,
                repeats: int = 3) -> pd.DataFrame:
-    """One row per pair in ``PAIRS`` on ``tiny_task(n)``: median times, ``peer_time_ratio`` (and its per-round
-    range), ``peer_spearman``, status.
+    """One row per pair in ``PAIRS`` on ``tiny_task(n)`` (the micro-benchmark): median times,
+    ``peer_time_ratio`` (and its per-round range), ``peer_spearman``, both sides' AUROC / AP, status.
 
     Args:
         n: training samples of the tiny task.
@@ -350,12 +383,49 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", overrides: dict[str, 
         raise ValueError(f"peer_table: repeats={repeats} must be a positive integer (bench.peer_repeats, --repeats)")
     import baselines  # noqa: F401  (registers every method)
     task = tiny_task(n, seed, device)
-    overrides = overrides or {}
+    return pd.DataFrame([_pair(task, name, _options(name, overrides or {}, True), repeats) for name in PAIRS])
+
+
+def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repeats: int = 3,
+                  overrides: dict[str, dict[str, Any]] | None = None,
+                  progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Every pair of ``pairs`` on class-balanced subsets of ``task``'s training set of each size in ``sizes``
+    (theta* and its checkpoints unchanged; each side fits and scores on the subset): one ``_pair`` row per
+    (size, pair). Both sides are warmed up once, at the first size; sizes run smallest first.
+
+    Raises:
+        ValueError: an unknown pair, a size outside 1..n, or ``repeats < 1``.
+    """
+    from bench.methods import subtask
+    unknown = sorted(set(pairs) - set(PAIRS))
+    if unknown or not pairs:
+        raise ValueError(f"unknown peer pairs {unknown or pairs}; valid: {list(PAIRS)}")
+    if repeats < 1 or not sizes or any(not 1 <= n <= len(task.train) for n in sizes):
+        raise ValueError(f"peer sizes {list(sizes)} must lie in 1..{len(task.train)} and repeats={repeats} >= 1")
+    import baselines  # noqa: F401  (registers every method)
     rows = []
-    for name in PAIRS:
-        method = name.partition("@")[0]
-        options = method_options(method, PEER_OPTIONS.get(method, {}) | overrides.get(method, {}))
-        rows.append(_pair(task, name, options, repeats))
+    for index, n in enumerate(sorted(sizes)):
+        sub = subtask(task, n, None)
+        for name in pairs:
+            if progress is not None:
+                progress(f"{name} at n = {n}")
+            rows.append(_pair(sub, name, _options(name, overrides or {}, False), repeats, warmup=index == 0))
+    return pd.DataFrame(rows)
+
+
+def cost_split(table: pd.DataFrame) -> pd.DataFrame:
+    """Per pair and side, a least-squares line through the median times against n: ``fixed_s`` (the intercept:
+    set-up, factor fits that do not grow with n) and ``per_1k_s`` (seconds per 1,000 samples), from pairs with at
+    least two sizes."""
+    import numpy as np
+    rows = []
+    for name, group in table[table.get("status", pd.Series(dtype=str)) == "ok"].groupby("method", sort=False):
+        if group["n"].nunique() < 2:
+            continue
+        for side in ("ours", "peer"):
+            slope, intercept = np.polyfit(group["n"].to_numpy(float), group[f"{side}_s"].to_numpy(float), 1)
+            rows.append({"method": name, "side": side, "peer": group["peer"].iloc[0], "fixed_s": float(intercept),
+                         "per_1k_s": float(slope) * 1000, "sizes": json.dumps(sorted(group["n"].tolist()))})
     return pd.DataFrame(rows)
 
 

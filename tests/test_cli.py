@@ -37,6 +37,16 @@ def test_a_bad_choice_is_one_line_and_exit_status_2(tmp_path, override, expected
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
+def test_an_unknown_peer_pair_is_one_line_and_exit_status_2(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.peers", "experiment=smoke", "peers.pairs=[tracin,nope]",
+           f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().startswith("error: peers.pairs has unknown ['nope']; valid: [")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_an_empty_gradient_path_list_skips_that_table():
     from bench.config import BenchConfig
     from experiments.bench import _metrics, grad_path_table
