@@ -73,11 +73,11 @@ def test_cpu_presets_build_their_typed_settings(preset, tmp_path):
 
 
 def test_budgets_belong_to_presets_and_apply_to_their_method_only():
-    gex_keys = set(OmegaConf.load(CONFIGS / "method" / "gex.yaml"))
-    for budget in BUDGETS:
-        preset, method = budget.rsplit("_", 1)
-        assert preset in PRESETS and method == "gex", budget
-        assert set(OmegaConf.load(CONFIGS / "experiment" / "budget" / f"{budget}.yaml")) <= gex_keys, budget
+    for budget in BUDGETS:  # <preset>_<method>, for a method of the GEX family
+        method = next((m for m in ("gex_clamped", "gex") if budget.endswith(f"_{m}")), None)
+        assert method is not None and budget[:-len(method) - 1] in PRESETS, budget
+        keys = set(OmegaConf.load(CONFIGS / "method" / f"{method}.yaml"))
+        assert set(OmegaConf.load(CONFIGS / "experiment" / "budget" / f"{budget}.yaml")) <= keys, budget
     paper = _compose("detect", "experiment=paper_mnist_vgg")
     assert (paper.method.num_members, paper.method.ft_step, paper.method.ft_batch_size) == (32, 800, 1024)
     prune = _compose("prune", "experiment=paper_prune_mnist")
