@@ -95,8 +95,14 @@ def test_peer_pair_alternates_and_reports_medians(monkeypatch):
     monkeypatch.setattr(peers, "_ours", lambda task, name, options: (ours(), scores)[1])
     monkeypatch.setitem(peers.PAIRS, "grad_dot", ("fake.Peer", "math", lambda o: lambda task: (peer(), -scores)[1]))
 
+    class Train:
+        is_noisy = torch.tensor([False, False, False, True, True])
+
+        def __len__(self):
+            return 5
+
     class Task:
-        train = torch.zeros(5)
+        train = Train()
     row = peers._pair(Task(), "grad_dot", {}, repeats=3)
     assert clock.calls == ["ours", "peer"] * 4                      # the warm-up round, then 3 timed rounds
     assert row["status"] == "ok" and row["repeats"] == 3 and row["n"] == 5
@@ -104,6 +110,7 @@ def test_peer_pair_alternates_and_reports_medians(monkeypatch):
     assert row["peer_time_ratio"] == 3.0 / 1.125
     assert (row["peer_time_ratio_min"], row["peer_time_ratio_max"]) == (2.0 / 5.0, 9.0 / 1.125)
     assert row["peer_spearman"] == pytest.approx(-1.0)
+    assert (row["ours_auroc"], row["peer_auroc"]) == (1.0, 0.0)     # each side scored against the same noise
 
 
 def test_peer_table_runs_every_pair_with_its_options(monkeypatch):
