@@ -38,7 +38,7 @@ class PeersConfig:
         method_options: per-method options on top of ``configs/method/<name>.yaml`` (both sides get them).
     """
 
-    pairs: list[str] = field(default_factory=lambda: list(PAIRS))
+    pairs: list[str] = field(default_factory=lambda: ["tracin", "tracin@fast", "trak", "ekfac", "cl"])
     sizes: list[int] = field(default_factory=lambda: [1000, 2500, 5000, 10000])
     repeats: int = 3
     method_options: dict[str, Any] = field(default_factory=dict)
