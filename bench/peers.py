@@ -117,6 +117,13 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], 
                                                  regularization=options["damping"])
         attributor.cache(_loader(task))
         return attributor.self_attribute(_loader(task))
+    names = {"cg": ("IFAttributorCG", {"max_iter": "max_iter", "regularization": "damping"}),
+             "lissa": ("IFAttributorLiSSA", {"batch_size": "batch_size", "num_repeat": "repeats",
+                                             "recursion_depth": "depth", "damping": "damping", "scaling": "scale"}),
+             "arnoldi": ("IFAttributorArnoldi", {"proj_dim": "top_k", "max_iter": "n_iter",
+                                                 "regularization": "damping"})}[kind]
+    run.settings = {"class": f"dattri.algorithm.influence_function.{names[0]}", "loader": "the training set in one batch",
+                    **{theirs: options.get(ours) for theirs, ours in names[1].items()}}
     return run
 
 
@@ -145,6 +152,9 @@ def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
                                     device=str(task.device), regularization=options["damping"])
         # dattri refuses a loader after cache(); none fails
         return attributor.self_attribute(_loader(task, min(len(task.train), PEER_BATCH)))
+    run.settings = {"class": "dattri.algorithm.trak.TRAKAttributor", "proj_dim": options["proj_dim"],
+                    "regularization": options["damping"], "checkpoints": f"the last {options['num_checkpoints']}",
+                    "target": "margin log(p / (1 - p))", "batch_size": f"min(n, {PEER_BATCH})"}
     return run
 
 

@@ -54,11 +54,14 @@ class PruneConfig:
         name: ``prune``.
         fractions: fractions of the training set removed, each in (0, 1), distinct as integer percents.
         retrain_epochs: epochs of every retrain (steps sized to what remains); null = the pretraining recipe's.
+        retrains: retrains averaged per point (the pruned sets, the random ones and the unpruned one alike; the
+            first from theta*'s seed, the others with other data orders); the record keeps their spread.
     """
 
     name: str = "prune"
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
     retrain_epochs: Optional[int] = None
+    retrains: int = 1
 
     def __post_init__(self) -> None:
         if not self.fractions:
@@ -70,6 +73,8 @@ class PruneConfig:
         if len(set(labels)) != len(labels):
             raise UsageError(f"task.fractions={list(self.fractions)} repeats an integer percent ({labels})")
         check_retrain_epochs(self.retrain_epochs)
+        if not isinstance(self.retrains, int) or self.retrains < 1:
+            raise UsageError(f"task.retrains={self.retrains} must be a positive integer (retrains averaged per point)")
 
 
 def pct_label(frac: float) -> int:
@@ -99,21 +104,37 @@ def random_prune_rows(n: int, frac: float, seed: int) -> Tensor:
 log = logging.getLogger("gex")
 
 
-def _pruned_acc(task: InfluenceTask, kept: torch.Tensor, recipe: TrainConfig, desc: str) -> float:
-    return retrain_test_acc(task, task.train.subset(kept.to(task.train.x.device)), recipe, task.test, desc)
+def _pruned_acc(task: InfluenceTask, kept: torch.Tensor, recipe: TrainConfig, desc: str, replicate: int) -> float:
+    return retrain_test_acc(task, task.train.subset(kept.to(task.train.x.device)), recipe, task.test, desc, replicate)
+
+
+def _random_acc(task: InfluenceTask, frac: float, recipe: TrainConfig, replicate: int) -> float:
+    what = {"job": "prune_random", "fraction": float(frac), "recipe": recipe.cache_spec()}
+    if replicate:  # replicate 0 keeps its old key
+        what["replicate"] = replicate
+    return cached_value(task, what, lambda: _pruned_acc(task, random_prune_rows(len(task.train), frac, task.seed),
+                                                        recipe, f"retrain (random -{pct_label(frac)}%)", replicate))
+
+
+def _mean_and_spread(name: str, accs: list[float]) -> dict[str, float]:
+    """``name``: the mean over retrains; with more than one, ``<name>_std`` (sample std) beside it."""
+    values = torch.tensor(accs, dtype=torch.float64)
+    return {name: float(values.mean())} | ({f"{name}_std": float(values.std())} if len(accs) > 1 else {})
 
 
 def _curves(task: InfluenceTask, scores: torch.Tensor, opts: PruneConfig, recipe: TrainConfig) -> dict[str, float]:
-    """``test_acc_at_<pct>`` and ``random.test_acc_at_<pct>`` for every fraction, plus the unpruned ``_at_0``."""
-    full = unchanged_test_acc(task, recipe, task.test, "test")
-    out = {"test_acc_at_0": full, "random.test_acc_at_0": full}
-    n = len(task.train)
+    """``test_acc_at_<pct>`` and ``random.test_acc_at_<pct>`` for every fraction, plus the unpruned ``_at_0``; each
+    the mean over ``opts.retrains`` retrains (with ``<metric>_std`` beside it when there are several)."""
+    replicates = range(opts.retrains)
+    full = _mean_and_spread("test_acc_at_0", [unchanged_test_acc(task, recipe, task.test, "test", r)
+                                              for r in replicates])
+    out = full | {f"random.{k}": v for k, v in full.items()}
     for frac in opts.fractions:
         pct = pct_label(frac)
-        out[f"test_acc_at_{pct}"] = _pruned_acc(task, prune_rows(scores, frac, task.seed), recipe, f"retrain (-{pct}%)")
-        what = {"job": "prune_random", "fraction": float(frac), "recipe": recipe.cache_spec()}
-        out[f"random.test_acc_at_{pct}"] = cached_value(task, what, lambda frac=frac, pct=pct: _pruned_acc(
-            task, random_prune_rows(n, frac, task.seed), recipe, f"retrain (random -{pct}%)"))
+        kept = prune_rows(scores, frac, task.seed)
+        out |= _mean_and_spread(f"test_acc_at_{pct}", [_pruned_acc(task, kept, recipe, f"retrain (-{pct}%)", r)
+                                                       for r in replicates])
+        out |= _mean_and_spread(f"random.test_acc_at_{pct}", [_random_acc(task, frac, recipe, r) for r in replicates])
     return out
 
 
@@ -142,7 +163,8 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
     recipe = retrain_recipe(task.recipe, opts.retrain_epochs)
     with stage_timer(run_.times, "retrain", device):
         curves = _curves(task, scores, opts, recipe)
-    metrics = curves | {"retrain_epochs": recipe.epochs, "wall_s_retrain": run_.times["retrain"]} | record_fields(
+    metrics = curves | {"retrain_epochs": recipe.epochs, "retrains": opts.retrains,
+                        "wall_s_retrain": run_.times["retrain"]} | record_fields(
         cfg, run_, "prune")
     figure = run_dir / "pruning_curves.png"
     _plot(metrics, opts, method.name, figure)

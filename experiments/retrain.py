@@ -29,19 +29,29 @@ def retrain_recipe(recipe: TrainConfig, epochs: Optional[int]) -> TrainConfig:
 
 
 def retrain_test_acc(task: InfluenceTask, data: LabeledData, recipe: TrainConfig, test: LabeledData,
-                     desc: str = "retrain") -> float:
+                     desc: str = "retrain", replicate: int = 0) -> float:
     """Train a fresh model from theta*'s initialization (``task.fresh_model()``, same seed and data order) on
     ``data`` with ``recipe`` (schedule sized to ``len(data)``; BN refreshed) and return its accuracy on ``test``.
 
-    Cached by what the retrain sees (theta*'s spec, the recipe, and the contents of ``data`` and ``test``), so a
-    task that was interrupted after some of its retrains (a pruning grid) continues past the finished ones.
+    ``replicate`` r > 0 keeps the initialization and draws another data order (seed ``task.seed * 1000 + r``): a
+    repeat of the same retrain that measures, and averages away, retraining noise (docs/protocols.md#dataset-pruning).
+
+    Cached by what the retrain sees (theta*'s spec, the recipe, the replicate, and the contents of ``data`` and
+    ``test``), so a task that was interrupted after some of its retrains (a pruning grid) continues past the
+    finished ones.
     """
+    if replicate < 0:
+        raise ValueError(f"retrain replicate must be >= 0, got {replicate}")
+    order_seed = task.seed if replicate == 0 else task.seed * 1000 + replicate
+
     def compute() -> float:
         model = task.fresh_model()
-        train(model, data, recipe, seed=task.seed, device=task.device, desc=desc)
+        train(model, data, recipe, seed=order_seed, device=task.device, desc=desc)
         return accuracy(model, test)
 
     what = {"job": "retrain", "recipe": recipe.cache_spec(), "data": data.digest(), "test": test.digest()}
+    if replicate:  # replicate 0 keeps the key it always had, so earlier caches stay valid
+        what["replicate"] = replicate
     return cached_value(task, what, compute)
 
 
@@ -58,7 +68,17 @@ def cached_value(task: InfluenceTask, what: dict[str, Any], compute: Callable[[]
     return value
 
 
-def unchanged_test_acc(task: InfluenceTask, recipe: TrainConfig, test: LabeledData, test_name: str) -> float:
-    """Accuracy on ``test`` of a retrain on the unchanged training set (cached; independent of the method)."""
+def unchanged_test_acc(task: InfluenceTask, recipe: TrainConfig, test: LabeledData, test_name: str,
+                       replicate: int = 0) -> float:
+    """Accuracy on ``test`` of a retrain on the unchanged training set (cached; independent of the method).
+
+    With the pretraining recipe itself (and replicate 0) that retrain is pretraining repeated: the same
+    initialization, data order and recipe give theta* again, so theta*'s accuracy is returned without training.
+    """
+    if replicate == 0 and recipe == task.recipe:
+        return accuracy(task.model, test)
     what = {"job": "retrain_unchanged", "recipe": recipe.cache_spec(), "test": test_name}
-    return cached_value(task, what, lambda: retrain_test_acc(task, task.train, recipe, test, "retrain (unchanged)"))
+    if replicate:
+        what["replicate"] = replicate
+    return cached_value(task, what, lambda: retrain_test_acc(task, task.train, recipe, test, "retrain (unchanged)",
+                                                             replicate))

@@ -211,3 +211,20 @@ def test_the_peer_campaign_command_writes_its_tables_and_record(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tracin@fast.n200.status"] == "ok" and metrics["tracin@fast.n200.peer_spearman"] > 0.999
     assert "Fixed and per-sample cost" in (run / "peers.md").read_text()
+
+
+@pytest.mark.parametrize("tiny", [True, False], ids=["micro-benchmark", "default scale"])
+def test_every_peer_records_its_settings_and_they_mirror_ours(tiny):
+    """The record of every pair names the peer's class or function and, where the settings are shared, the same
+    values as ours (``_options`` is what ``_pair`` is given)."""
+    from bench import peers
+    mirrored = {"if_cg": {"max_iter": "max_iter", "regularization": "damping"},
+                "lissa": {"recursion_depth": "depth", "damping": "damping", "scaling": "scale"},
+                "arnoldi": {"proj_dim": "top_k", "max_iter": "n_iter", "regularization": "damping"},
+                "trak": {"proj_dim": "proj_dim", "regularization": "damping"}}
+    for name, (_, _, adapter) in peers.PAIRS.items():
+        options = peers._options(name, {}, tiny)
+        settings = adapter(options).settings
+        assert settings and ("class" in settings or "function" in settings), name
+        for theirs, ours in mirrored.get(name, {}).items():
+            assert settings[theirs] == options[ours], (name, theirs)

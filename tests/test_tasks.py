@@ -19,7 +19,7 @@ from experiments.launch import entry_point
 from experiments.metrics import accuracy, detection_by_fit, found_at, ranking_order
 from experiments.prune import PruneConfig, prune_rows, random_prune_rows
 from experiments.relabel import otsu_flags, rdia_targets, relabeled_data
-from experiments.retrain import retrain_recipe, retrain_test_acc
+from experiments.retrain import retrain_recipe, retrain_test_acc, unchanged_test_acc
 from experiments.scaffold import RunLogger, has_pairwise, register_methods
 from gex.attribution import Attributor, build_method, register
 from gex.data import DataConfig, NoiseConfig, load_data
@@ -174,6 +174,19 @@ def test_an_unchanged_retrain_reproduces_theta_star():
     assert (shorter.epochs, shorter.steps, shorter.lr) == (1, None, task.recipe.lr)
 
 
+def test_the_unchanged_retrain_with_the_pretraining_recipe_is_theta_star_without_training(monkeypatch):
+    from experiments import retrain as tasks
+    task = make_task(n_train=100, n_test=40, epochs=2)
+    calls = []
+    real_train = tasks.train
+    monkeypatch.setattr(tasks, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    assert unchanged_test_acc(task, task.recipe, task.test, "test") == accuracy(task.model, task.test)
+    assert not calls                                      # the previous test shows the retrain would be theta*
+    unchanged_test_acc(task, retrain_recipe(task.recipe, 1), task.test, "test")
+    unchanged_test_acc(task, task.recipe, task.test, "test", replicate=1)
+    assert len(calls) == 2                                # another recipe or another data order does train
+
+
 def test_retrains_are_cached_by_what_they_see_so_an_interrupted_task_resumes(tmp_path, monkeypatch):
     from experiments import retrain as tasks
     from gex.runs import ArtifactCache
@@ -191,6 +204,31 @@ def test_retrains_are_cached_by_what_they_see_so_an_interrupted_task_resumes(tmp
     retrain_test_acc(task, task.train.subset(torch.arange(80)), task.recipe, task.test.subset(torch.arange(20)))
     assert len(calls) == 4
 
+
+
+def test_prune_averages_replicate_retrains_that_differ_only_in_data_order(tmp_path, monkeypatch):
+    """``task.retrains=2``: every point (pruned, random, unpruned) is the mean of two retrains from theta*'s init,
+    the second with another data order; replicate 0 is the single-retrain run's retrain (shared cache)."""
+    from experiments import retrain as tasks
+    from gex.runs import ArtifactCache
+    task = make_task(n_train=100, n_test=40, epochs=2)
+    task.cache, task.cache_spec = ArtifactCache(tmp_path / "cache"), {"theta": "star"}
+    seeds = []
+    real_train = tasks.train
+    monkeypatch.setattr(tasks, "train", lambda *a, **k: seeds.append(k["seed"]) or real_train(*a, **k))
+    scores = torch.linspace(0, 1, 100)
+    recipe = retrain_recipe(task.recipe, 1)  # not the pretraining recipe, so the unchanged point retrains too
+    single = prune._curves(task, scores, PruneConfig(fractions=[0.2], retrains=1), recipe)
+    assert sorted(seeds) == [task.seed] * 3 and "test_acc_at_20_std" not in single
+    seeds.clear()
+    double = prune._curves(task, scores, PruneConfig(fractions=[0.2], retrains=2), recipe)
+    assert seeds == [task.seed * 1000 + 1] * 3      # only the new replicates train; replicate 0 is read back
+    for name in ("test_acc_at_0", "test_acc_at_20", "random.test_acc_at_20"):
+        assert double[f"{name}_std"] >= 0
+        second = 2 * double[name] - single[name]     # mean of two = (first + second) / 2
+        assert abs(second - single[name]) == pytest.approx(double[f"{name}_std"] * 2 ** 0.5, abs=1e-9)
+    with pytest.raises(ValueError, match="task.retrains=0 must be a positive integer"):
+        PruneConfig(retrains=0)
 
 def test_tensor_digests_tell_contents_order_dtype_and_none_apart():
     from gex.runs import tensors_digest
