@@ -43,6 +43,7 @@ from bench.grad_paths import freeze_norm_layers
 from bench.methods import method_options
 from bench.tables import markdown_table
 from bench.timing import alternate, median_ratios
+from baselines.trak import margin as trak_margin
 from gex.attribution import METHODS, InfluenceTask, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig
@@ -92,12 +93,16 @@ def _loss_fn(model: nn.Module, input_dims: int) -> Callable[[dict, tuple], Tenso
     return f
 
 
-def _dattri_task(task: InfluenceTask, checkpoints: list[dict] | None = None, target: Callable | None = None):
+def _dattri_task(task: InfluenceTask, checkpoints: list[dict] | None = None,
+                 output: Callable[[nn.Module, int], Callable] | None = None):
+    """dattri's task on a copy of theta*. ``output``: TRAK's model output function, which dattri's TRAK documents
+    as both the loss and the target function (its training features are gradients of ``loss_func``); None = the
+    cross-entropy loss, for the influence functions."""
     from dattri.task import AttributionTask
     model = copy.deepcopy(task.model).eval()
     states = checkpoints or [{k: v.clone() for k, v in task.model.state_dict().items()}]
-    return AttributionTask(loss_func=_loss_fn(model, task.train.x.dim() - 1), model=model, checkpoints=states,
-                           target_func=target)
+    fn = (output or _loss_fn)(model, task.train.x.dim() - 1)
+    return AttributionTask(loss_func=fn, model=model, checkpoints=states, target_func=fn if output else None)
 
 
 def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
@@ -130,9 +135,11 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], 
 def _margin(model: nn.Module, input_dims: int) -> tuple[Callable, Callable]:
     """TRAK's margin ``log(p / (1 - p))`` of the labelled class and that class's probability."""
     def margin(params: dict, data: tuple) -> Tensor:
+        # the stable form z_y - logsumexp(z_others) of dattri's documented logp - log(1 - exp(logp)): the same
+        # function, without the infinities where p rounds to 1 (dattri zeroes non-finite gradients)
         x, y = data
-        logp = F.log_softmax(functional_call(model, params, (x.unsqueeze(0),)), -1)[0, y.long()]
-        return logp - torch.log1p(-logp.exp())
+        logits = functional_call(model, params, (x.unsqueeze(0),))
+        return trak_margin(logits, y.long().reshape(1), "ce")[0]
 
     def prob(params: dict, data: tuple) -> Tensor:
         x, y = data
@@ -143,10 +150,10 @@ def _margin(model: nn.Module, input_dims: int) -> tuple[Callable, Callable]:
 def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
     def run(task: InfluenceTask) -> Tensor:
         from dattri.algorithm.trak import TRAKAttributor
-        model = copy.deepcopy(task.model).eval()
-        margin, prob = _margin(model, task.train.x.dim() - 1)
         states = [c.state for c in task.trajectory[-options["num_checkpoints"]:]]
-        dtask = _dattri_task(task, states, target=margin)
+        dtask = _dattri_task(task, states, output=lambda net, dims: _margin(net, dims)[0])
+        # Q = 1 - p on dattri's own model, into which it loads each checkpoint's state (BN statistics included)
+        _, prob = _margin(dtask.get_model(), task.train.x.dim() - 1)
         attributor = TRAKAttributor(dtask, prob, projector_kwargs={"proj_dim": options["proj_dim"],
                                                                    "device": str(task.device)},
                                     device=str(task.device), regularization=options["damping"])
@@ -154,7 +161,7 @@ def _dattri_trak(options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
         return attributor.self_attribute(_loader(task, min(len(task.train), PEER_BATCH)))
     run.settings = {"class": "dattri.algorithm.trak.TRAKAttributor", "proj_dim": options["proj_dim"],
                     "regularization": options["damping"], "checkpoints": f"the last {options['num_checkpoints']}",
-                    "target": "margin log(p / (1 - p))", "batch_size": f"min(n, {PEER_BATCH})"}
+                    "loss_func = target_func": "margin log(p / (1 - p))", "batch_size": f"min(n, {PEER_BATCH})"}
     return run
 
 

@@ -228,3 +228,16 @@ def test_every_peer_records_its_settings_and_they_mirror_ours(tiny):
         assert settings and ("class" in settings or "function" in settings), name
         for theirs, ours in mirrored.get(name, {}).items():
             assert settings[theirs] == options[ours], (name, theirs)
+
+
+def test_dattris_trak_configured_as_documented_computes_our_trak():
+    """dattri's TRAK takes the model output function (the margin) as its loss function and reads Q on its own model
+    (each checkpoint's BN statistics): configured so, its self-influence ranks as ours does on the tiny BN MLP."""
+    pytest.importorskip("dattri")
+    from bench import peers
+    task = peers.tiny_task(120)
+    options = peers._options("trak", {"trak": {"proj_dim": 48}}, True)   # below n: the kernel matters
+    row = peers._pair(task, "trak", options, repeats=1)
+    assert row["status"] == "ok", row["status"]
+    assert row["peer_spearman"] > 0.996   # 0.9944 with the cross-entropy as its loss and Q on theta*'s BN statistics
+    assert abs(row["ours_auroc"] - row["peer_auroc"]) < 0.01
