@@ -50,7 +50,7 @@ from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
 from gex.train import TrainConfig
 
-__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "tiny_task", "peer_table", "peer_campaign",
+__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "tiny_task", "peer_table", "peer_campaign", "peer_scores",
            "cost_split"]
 
 TINY_MODEL = {"hidden": 32, "depth": 1}
@@ -373,6 +373,25 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
                   "ours_auroc": ours_auroc, "ours_ap": ours_ap, "peer_auroc": peer_auroc, "peer_ap": peer_ap,
                   "ours_rounds_s": json.dumps([round(r[0], 3) for r in runs["ours"]]),
                   "peer_rounds_s": json.dumps([round(r[0], 3) for r in runs["peer"]])}
+
+
+def peer_scores(task: InfluenceTask, name: str, overrides: dict[str, dict[str, Any]] | None = None
+                ) -> tuple[Tensor, dict[str, Any]]:
+    """The peer of pair ``name`` on ``task`` as the default-scale campaign configures it: its self-influence
+    scores (higher = more influential) and its settings. ``@fast`` pairs run on the model with BN frozen.
+
+    Raises:
+        ValueError: an unknown pair, or settings the peer has no equivalent of.
+        ImportError: the peer library is not installed.
+    """
+    if name not in PAIRS:
+        raise ValueError(f"unknown peer pair {name!r}; valid: {list(PAIRS)}")
+    label, module, adapter = PAIRS[name]
+    __import__(module)
+    peer = adapter(_options(name, overrides or {}, False))
+    if name.partition("@")[2] == "fast":
+        task = replace(task, model=freeze_norm_layers(task.model))
+    return _timed(lambda: peer(task))[1], {"peer": label, **getattr(peer, "settings", {})}
 
 
 def _options(name: str, overrides: dict[str, dict[str, Any]], tiny: bool) -> dict[str, Any]:

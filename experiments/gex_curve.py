@@ -59,6 +59,8 @@ class CurveConfig:
         ft_steps: SGD steps per cycle.
         independent: ``[M, ft_step]`` pairs scored with independent members (each from theta*).
         references: other methods fitted and scored in the same run, as reference points.
+        peers: peer-library pairs of ``experiments.peers`` (e.g. ``trak``, ``tracin@fast``) whose peer scores the
+            same training set in the same run, timed as one call (fit and score together), named by the library.
         summary_of: glob of record folders pooled into the table and figure after the run ("" = this run only).
         summary_out: folder of the pooled table and figure ("" = this run's folder).
         summary_only: measure nothing; pool the records of ``summary_of`` into ``summary_out``.
@@ -70,6 +72,7 @@ class CurveConfig:
     ft_steps: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 400])
     independent: list[list[int]] = field(default_factory=list)
     references: list[str] = field(default_factory=lambda: ["el2n", "cl", "loss"])
+    peers: list[str] = field(default_factory=list)
     summary_of: str = ""
     summary_out: str = ""
     summary_only: bool = False
@@ -85,6 +88,10 @@ class CurveConfig:
                                  f"(ft_steps may be empty when curve.independent gives the points)")
         if any(len(p) != 2 or min(p) < 1 for p in self.independent):
             raise UsageError(f"curve.independent={self.independent!r} is invalid; give [[M, ft_step], ...]")
+        from bench.peers import PAIRS
+        if set(self.peers) - set(PAIRS):
+            raise UsageError(f"curve.peers has unknown pairs {sorted(set(self.peers) - set(PAIRS))}; valid: "
+                             f"{list(PAIRS)}")
         if self.summary_only and not (self.summary_of and self.summary_out):
             raise UsageError("curve.summary_only=true needs curve.summary_of (a glob of record folders) and "
                              "curve.summary_out")
@@ -157,6 +164,17 @@ def reference_point(task: InfluenceTask, name: str, seed: int) -> dict:
     score_s = time.perf_counter() - begin
     return {"method": name, "members_mode": "", "ft_step": 0, "members": 0, "seed": seed, "fit_s": fit_s,
             "score_s": score_s, "wall_s": fit_s + score_s} | detection_metrics(scores, task.train.is_noisy.cpu(), seed)
+
+
+def peer_point(task: InfluenceTask, pair: str, seed: int) -> dict:
+    """The peer of ``pair`` on the training set (``bench.peers.peer_scores``): one timed call, reported as score
+    seconds, with its detection metrics; the row is named by the peer library."""
+    from bench.peers import peer_scores
+    begin = time.perf_counter()
+    scores, settings = peer_scores(task, pair)
+    wall = time.perf_counter() - begin
+    return {"method": settings["peer"], "members_mode": "", "ft_step": 0, "members": 0, "seed": seed, "fit_s": 0.0,
+            "score_s": wall, "wall_s": wall} | detection_metrics(scores, task.train.is_noisy.cpu(), seed)
 
 
 def on_frontier(stats: pd.DataFrame) -> list[str]:
@@ -236,6 +254,8 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
         rows += curve_points(task, cfg.method, [int(m)], int(steps), "independent", settings.seed)
     for name in opts.references:
         rows.append(reference_point(task, name, settings.seed))
+    for pair in opts.peers:
+        rows.append(peer_point(task, pair, settings.seed))
     frame = pd.DataFrame(rows).assign(data=settings.data.name, n_train=len(task.train))
     atomic_write_text(frame.to_csv(index=False), run_dir / "curve.csv")
     metrics = {f"{r['method']}_{r['members_mode']}_m{r['members']}_s{r['ft_step']}.{k}": r[k]

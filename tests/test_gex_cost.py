@@ -52,6 +52,25 @@ def test_the_curve_points_are_the_ensembles_they_stand_for(tmp_path):
     assert second[second.method == "gex"].fit_s.tolist() == frame[frame.method == "gex"].fit_s.tolist()
 
 
+
+def test_the_frontier_places_a_peer_library_beside_our_methods(tmp_path):
+    pytest.importorskip("captum")
+    from bench.peers import PAIRS, peer_scores
+    cfg = _compose("gex_curve", tmp_path, "curve.members=[1]", "curve.ft_steps=[4]", "curve.references=[loss]",
+                   "curve.peers=[tracin@fast]")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    gex_curve.run(cfg, run_dir, RunLogger(cfg, run_dir, "gex_curve"))
+    frame = pd.read_csv(run_dir / "curve.csv").set_index("method")
+    peer = frame.loc[PAIRS["tracin@fast"][0]]              # named by the library, timed as one call
+    assert peer.wall_s == peer.score_s > 0 and peer.fit_s == 0
+    _, task = load_task(settings_from(cfg))
+    scores, settings = peer_scores(task, "tracin@fast")
+    assert settings["sample_wise_grads_per_batch"] is True
+    assert peer.auroc == pytest.approx(detection_metrics(scores, task.train.is_noisy.cpu(), task.seed)["auroc"])
+    with pytest.raises(ValueError, match=r"curve.peers has unknown pairs \['nope'\]"):
+        gex_curve.CurveConfig(peers=["nope"])
+
 def test_the_passes_compare_settings_and_reproduce_the_shipped_refresh(tmp_path):
     cfg = _compose("gex_passes", tmp_path, "method.num_members=2", "method.ft_step=3", "passes.rounds=2",
                    "passes.batch_sizes=[64,16]", "passes.bn_batches=[2,1]", "passes.members_per_pass=2")
