@@ -4,7 +4,8 @@ Reads detection, pruning and separation records (``metrics.json`` + ``config.yam
 reference rule (``fit_aware``, ``tau=<eps>`` for the clamped form, ``adaptive q=<q>``), and writes one table per
 setting: the task's metric per rule as mean ± std over seeds, how it compares seed by seed with the setting's
 reference (the loss for detection, random pruning for pruning, chance for separation), and the share of samples
-below tau and whose ranking the clamp inverts (where the record has them). See docs/method.md#the-clamp-tau.
+below tau and whose ranking the clamp inverts (where the record has them). A pruning run that averaged several
+retrains per point (``task.retrains``) is a row of its own. See docs/method.md#the-clamp-tau.
 """
 from __future__ import annotations
 
@@ -66,8 +67,12 @@ def load_records(folders: list[Path]) -> list[dict]:
             if metrics.get("task") not in ("detect", "prune", "separate"):
                 continue
             label = rule_of(config) or metrics.get("method")
+            if (rule_of(config) is None and label not in OTHERS):
+                continue
+            if int(metrics.get("retrains", 1)) > 1:  # a row of its own: averaged retrains are another protocol
+                label += f", mean of {int(metrics['retrains'])} retrains"
             key = (_setting(metrics, config), label, int(metrics.get("seed", 0)))
-            if (rule_of(config) is None and label not in OTHERS) or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             out.append({"setting": key[0], "label": label, "seed": key[2], "path": str(path.parent), **metrics})
@@ -121,7 +126,7 @@ def tables(records: list[dict]) -> str:
         head = ["rule / method", "seeds", *[c for _, c in columns], f"vs {_reference_name(task)}, worst seed",
                 "below tau", "clamp-inverted"]
         lines = [f"### {setting}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        labels = sorted({r["label"] for r in rows}, key=lambda x: (not (x == "fit_aware" or "=" in x), x))
+        labels = sorted({r["label"] for r in rows}, key=lambda x: (not (x.startswith("fit_aware") or "=" in x), x))
         for label in labels:
             group = [r for r in rows if r["label"] == label]
             margins = [m for r in group for m in _versus(task, r, by_seed)]
