@@ -60,6 +60,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "pretrain": ("train_acc", "test_acc"), "detect": ("auroc", "ap"), "relabel": ("test_acc", "test_acc_no_relabel"),
     "prune": (r"test_acc_at_\d+",), "separate": ("auroc", "ap"), "toy": ("auroc", "ap"), "groundtruth": ("lds",),
     "bench": ("wall_s",)}
+OPEN_DICTS = ("model.options.",)   # free-form options: a key left out is the model's default, not an older run
 IGNORED_CONFIG = ("paths.", "logger.", "hydra.", "device", "threads", "data.root", "data.download")
 SKIP_DIRS = {"wandb", ".hydra", "__pycache__", ".git"}
 META = ("task", "setting", "method", "variant", "data", "noise_kind", "noise_rate", "model", "seed", "path",
@@ -217,9 +218,14 @@ def _varying(records: list[dict], keep: Any) -> list[str]:
 
     A key missing from a record is a config field added after that run: new fields default to the old behaviour,
     so a run without the key does not make it vary (otherwise every older run would form a setting of its own).
+    Free-form option dicts (``OPEN_DICTS``) are the exception: there a missing key is an option left at its
+    default, so ``model.options.hidden=512`` and no ``hidden`` at all are two settings.
     """
     keys = sorted({k for r in records for k in r["_config"] if keep(k)})
-    values = lambda k: {json.dumps(r["_config"][k], default=str) for r in records if k in r["_config"]}  # noqa: E731
+
+    def values(key: str) -> set[str]:
+        open_dict = key.startswith(OPEN_DICTS)
+        return {json.dumps(r["_config"].get(key), default=str) for r in records if open_dict or key in r["_config"]}
     return [k for k in keys if len(values(k)) > 1]
 
 
