@@ -39,11 +39,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from baselines.trak import margin as trak_margin
 from bench.grad_paths import freeze_norm_layers
 from bench.methods import method_options
 from bench.tables import markdown_table
 from bench.timing import alternate, median_ratios
-from baselines.trak import margin as trak_margin
 from gex.attribution import METHODS, InfluenceTask, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig

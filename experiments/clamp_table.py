@@ -67,7 +67,7 @@ def load_records(folders: list[Path]) -> list[dict]:
             if metrics.get("task") not in ("detect", "prune", "separate"):
                 continue
             label = rule_of(config) or metrics.get("method")
-            if (rule_of(config) is None and label not in OTHERS):
+            if rule_of(config) is None and label not in OTHERS:
                 continue
             if int(metrics.get("retrains", 1)) > 1:  # a row of its own: averaged retrains are another protocol
                 label += f", mean of {int(metrics['retrains'])} retrains"

@@ -52,7 +52,6 @@ def test_the_curve_points_are_the_ensembles_they_stand_for(tmp_path):
     assert second[second.method == "gex"].fit_s.tolist() == frame[frame.method == "gex"].fit_s.tolist()
 
 
-
 def test_the_frontier_places_a_peer_library_beside_our_methods(tmp_path):
     pytest.importorskip("captum")
     from bench.peers import PAIRS, peer_scores
@@ -70,6 +69,7 @@ def test_the_frontier_places_a_peer_library_beside_our_methods(tmp_path):
     assert peer.auroc == pytest.approx(detection_metrics(scores, task.train.is_noisy.cpu(), task.seed)["auroc"])
     with pytest.raises(ValueError, match=r"curve.peers has unknown pairs \['nope'\]"):
         gex_curve.CurveConfig(peers=["nope"])
+
 
 def test_the_passes_compare_settings_and_reproduce_the_shipped_refresh(tmp_path):
     cfg = _compose("gex_passes", tmp_path, "method.num_members=2", "method.ft_step=3", "passes.rounds=2",

@@ -277,7 +277,6 @@ def test_a_config_field_added_later_does_not_split_older_runs(tmp_path: Path):
                                              "digits symmetric 0.1 train.compile=True"]
 
 
-
 def test_a_model_option_left_at_its_default_is_a_setting_of_its_own(tmp_path: Path):
     """``model.options`` is free-form: a run without ``hidden`` used the default head, not an older config, so the
     full-data runs with and without a wider head are two settings (not pooled into one mean)."""
@@ -288,6 +287,7 @@ def test_a_model_option_left_at_its_default_is_a_setting_of_its_own(tmp_path: Pa
     frame, _ = report.load_runs(tmp_path)
     assert sorted(set(frame["setting"])) == ["digits symmetric 0.1 model.options.hidden=512",
                                              "digits symmetric 0.1 model.options.hidden=None"]
+
 
 def test_write_report_every_format(tree: Path, tmp_path: Path):
     frame, problems = report.load_runs(tree)

@@ -129,6 +129,7 @@ def test_relabel_modes_drop_and_oracle(cache, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pipeline pieces
 
+
 def test_otsu_flags_exactly_the_high_mode_of_a_bimodal_vector():
     gen = torch.Generator().manual_seed(0)
     low, high = torch.randn(90, generator=gen) * 0.1, 5.0 + torch.randn(10, generator=gen) * 0.1
@@ -205,7 +206,6 @@ def test_retrains_are_cached_by_what_they_see_so_an_interrupted_task_resumes(tmp
     assert len(calls) == 4
 
 
-
 def test_prune_averages_replicate_retrains_that_differ_only_in_data_order(tmp_path, monkeypatch):
     """``task.retrains=2``: every point (pruned, random, unpruned) is the mean of two retrains from theta*'s init,
     the second with another data order; replicate 0 is the single-retrain run's retrain (shared cache)."""
@@ -229,6 +229,7 @@ def test_prune_averages_replicate_retrains_that_differ_only_in_data_order(tmp_pa
         assert abs(second - single[name]) == pytest.approx(double[f"{name}_std"] * 2 ** 0.5, abs=1e-9)
     with pytest.raises(ValueError, match="task.retrains=0 must be a positive integer"):
         PruneConfig(retrains=0)
+
 
 def test_tensor_digests_tell_contents_order_dtype_and_none_apart():
     from gex.runs import tensors_digest
