@@ -48,6 +48,7 @@ from gex.attribution import METHODS, InfluenceTask, build_method
 from gex.data import DataConfig, NoiseConfig, load_data
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
+from gex.ranking import auroc_ap
 from gex.train import TrainConfig
 
 __all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "tiny_task", "peer_table", "peer_campaign", "peer_scores",
@@ -319,15 +320,6 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
     return time.perf_counter() - start, torch.as_tensor(out).detach().reshape(-1).double().cpu()
 
 
-def _detection(scores: Tensor, noisy: Tensor) -> tuple[float, float]:
-    """AUROC and AP of ``scores`` (higher = more likely mislabeled) against the noise mask; NaN without both kinds."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-    if noisy.all() or not noisy.any():
-        return float("nan"), float("nan")
-    y, s = noisy.numpy(), scores.numpy()
-    return float(roc_auc_score(y, s)), float(average_precision_score(y, s))
-
-
 def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int = 3,
           warmup: bool = True) -> dict[str, Any]:
     """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores,
@@ -365,7 +357,7 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
         return row | {"status": f"error: {bad} non-finite scores (ours and peer's together)"}
     ratio = median_ratios({k: [r[0] for r in v] for k, v in runs.items()}, "peer")["ours"]
     noisy = task.train.is_noisy.cpu()
-    (ours_auroc, ours_ap), (peer_auroc, peer_ap) = _detection(ours, noisy), _detection(theirs, noisy)
+    (ours_auroc, ours_ap), (peer_auroc, peer_ap) = auroc_ap(ours, noisy), auroc_ap(theirs, noisy)
     return row | {"status": "ok", "ours_s": statistics.median(r[0] for r in runs["ours"]),
                   "peer_s": statistics.median(r[0] for r in runs["peer"]), "peer_time_ratio": ratio["ratio"],
                   "peer_spearman": float(spearmanr(ours.numpy(), theirs.numpy())[0]),

@@ -15,6 +15,7 @@ from torch import Tensor
 from experiments.scaffold import UsageError
 from gex.attribution import MethodError
 from gex.data import LabeledData
+from gex.ranking import auroc_ap
 from gex.train import eval_logits
 
 __all__ = ["SCORE_KINDS", "FOUND_AT_PCTS", "check_scores", "ranking_order", "ranking_metrics", "found_at",
@@ -58,11 +59,11 @@ def _two_classes(positive: Tensor, what: str) -> np.ndarray:
 
 
 def ranking_metrics(scores: Tensor, positive: Tensor, what: str = "ranking") -> dict[str, float]:
-    """``auroc`` and ``ap`` (sklearn) of ``scores`` (higher = more likely positive) against bool ``positive``."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-    pos = _two_classes(positive, what)
-    values = scores.detach().double().cpu().numpy()
-    return {"auroc": float(roc_auc_score(pos, values)), "ap": float(average_precision_score(pos, values))}
+    """``auroc`` and ``ap`` (``gex.ranking.auroc_ap``) of ``scores`` (higher = more likely positive) against bool
+    ``positive``; a single class is a ``UsageError``."""
+    _two_classes(positive, what)
+    auroc, ap = auroc_ap(scores, positive)
+    return {"auroc": auroc, "ap": ap}
 
 
 def found_at(scores: Tensor, positive: Tensor, frac: float, seed: int = 0) -> float:
