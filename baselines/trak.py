@@ -98,7 +98,9 @@ class TRAK(Attributor):
         damping: ``lambda_c = damping * tr(Phi^T Phi) / N`` (0 = TRAK's plain (pseudo-)inverse).
         seed: fixes the projections; None = the run seed.
         chunk_size: samples per per-sample-gradient chunk (does not change the scores).
-        max_block_mb: memory budget of one block of V's rows.
+        max_block_mb: memory budget of one block of V's rows. A budget that holds all of V (d x P x 4 bytes)
+            keeps it for the whole pass over a checkpoint instead of regenerating it for every chunk, the main
+            cost when P is large; it is freed before the next checkpoint.
     """
 
     def __init__(self, num_checkpoints: int = 5, proj_dim: int = 512, damping: float = 0.0, seed: int | None = None,
@@ -173,6 +175,7 @@ class TRAK(Attributor):
         for state, projector in zip(self.states_, self.projectors_):
             with using_state(self._container, state) as model:
                 phi, q = self._project(model, data, projector, task)
+            projector.release()  # a budget that keeps all of V would otherwise keep it at every checkpoint
             phis.append(phi), qs.append(q)
         self._memo[id(data)] = (data, torch.stack(phis), torch.stack(qs))
         return self._memo[id(data)][1:]

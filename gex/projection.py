@@ -66,6 +66,10 @@ class GaussianProjector:
         self.block_rows = int(max(1, min(dim, max_block_mb * 2**20 // row_bytes)))
         self._kept: Tensor | None = None
 
+    def release(self) -> None:
+        """Drop a kept V (it is regenerated, identically, on the next use)."""
+        self._kept = None
+
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of V, ``(stop - start, P)`` on ``device``."""
         out = torch.empty(stop - start, self.num_params, dtype=self.dtype)

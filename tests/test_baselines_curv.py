@@ -309,6 +309,7 @@ def test_trak_ensemble_equals_explicit_matrices(tiny_task64):
     """Two checkpoints, d = 32 < N: mean_c Q_c * mean_c Phi_c (Phi_c^T Phi_c)^-1 Phi_c(test)^T, explicitly."""
     method = build_method("trak", num_checkpoints=2, proj_dim=32).fit(tiny_task64)
     scores, quads, qs = method.influence(tiny_task64.train, tiny_task64.test), [], []
+    assert all(p._kept is None for p in method.projectors_)  # each V is freed after its checkpoint's pass
     for state, projector in zip(tiny_task64.trajectory[-2:], method.projectors_):
         model = tiny_task64.make_model().double()
         model.load_state_dict(state.state)

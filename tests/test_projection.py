@@ -49,6 +49,16 @@ def test_blocks_regenerated_from_seeds_equal_one_dense_matrix():
     torch.testing.assert_close(three.project(g), one_row.project(g), rtol=TOL_EXACT, atol=TOL_EXACT)
 
 
+def test_a_kept_matrix_is_reused_until_released_then_regenerated_identically():
+    p, d = 500, 6
+    proj = GaussianProjector(p, d, seed=4)  # the default budget holds all of V: kept between calls
+    first = next(proj.blocks())[1]
+    assert next(proj.blocks())[1] is first
+    proj.release()
+    again = next(proj.blocks())[1]
+    assert again is not first and torch.equal(again, first)
+
+
 def test_seed_fixes_the_matrix_and_entries_are_standard_normal():
     a, b, c = (GaussianProjector(1000, 200, seed=s).dense() for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
