@@ -29,13 +29,12 @@ from gex.kfac import (
     FISHER_TYPES,
     KFACFactors,
     LayerMap,
-    block_grads,
     compute_factors,
     eigendecompose,
     eigenvalue_correction,
     layer_map,
     layer_signals,
-    rotate,
+    rotated_block_grads,
 )
 from gex.utils import progress
 
@@ -125,7 +124,7 @@ class EKFAC(Attributor):
         task = self._require_fit()
         for batch in iter_batches(data, batch_size or self.batch_size, device=task.device):
             (kron, _), = layer_signals(task.model, self.layers_, batch.x, batch.y, task.loss, "empirical")
-            yield batch.rows, {n: rotate(self.factors_.eig[n], block_grads(a, g)) for n, (a, g) in kron.items()}
+            yield batch.rows, {n: rotated_block_grads(self.factors_.eig[n], a, g) for n, (a, g) in kron.items()}
 
     def self_influence(self, data: LabeledData) -> Tensor:
         """``g_i^T H_ekfac^-1 g_i`` per sample, shape ``(n,)``, >= 0; higher = more influential."""

@@ -40,7 +40,7 @@ from gex.data import Batch
 
 __all__ = ["FISHER_TYPES", "LayerMap", "KFACFactors", "layer_map", "pseudo_grads", "layer_signals",
            "block_grads", "split_block", "param_grads", "compute_factors", "eigendecompose", "rotate",
-           "eigenvalue_correction", "conv_patches"]
+           "eigenvalue_correction", "rotated_block_grads", "conv_patches"]
 
 FISHER_TYPES = ("mc", "empirical", "ggn")
 _SUPPORTED = "Linear, Conv2d (groups=1, integer zero padding) and BatchNorm (with running statistics)"
@@ -380,6 +380,21 @@ def rotate(eig: tuple[Tensor, Tensor, Tensor, Tensor], w: Tensor) -> Tensor:
     return q_g.T @ w @ q_a
 
 
+def rotated_block_grads(eig: tuple[Tensor, Tensor, Tensor, Tensor], a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample block gradients in the Kronecker eigenbasis, ``Q_G^T (sum_t g_t a_t^T) Q_A``, ``(b, d_out, d_in+1)``.
+
+    Equal to ``rotate(eig, block_grads(a, g))``, in whichever order costs less: rotating the T input and output
+    signals first costs ``T (d_in^2 + d_out^2)`` per sample, rotating the formed gradient ``d_out d_in (d_in + d_out)``.
+    A dense layer (T = 1) is far cheaper signals-first (about 500x for a 1,569 -> 512 head); a convolution with many
+    positions and few channels is cheaper the other way.
+    """
+    q_a, _, q_g, _ = eig
+    (t, d_in), d_out = a.shape[1:], g.shape[-1]
+    if t * (d_in ** 2 + d_out ** 2) < d_out * d_in * (d_in + d_out):
+        return block_grads(a @ q_a, g @ q_g)
+    return rotate(eig, block_grads(a, g))
+
+
 def eigenvalue_correction(model: nn.Module, layers: LayerMap, factors: KFACFactors, batches: Iterable[Batch],
                           loss: str, fisher: str = "mc", mc_samples: int = 1,
                           generator: torch.Generator | None = None) -> KFACFactors:
@@ -393,7 +408,7 @@ def eigenvalue_correction(model: nn.Module, layers: LayerMap, factors: KFACFacto
     for batch in batches:
         for kron, _ in layer_signals(model, layers, batch.x, batch.y, loss, fisher, mc_samples, generator):
             for name, (a, g) in kron.items():
-                sums[name] = sums.get(name, 0) + rotate(factors.eig[name], block_grads(a, g)).pow(2).sum(0)
+                sums[name] = sums.get(name, 0) + rotated_block_grads(factors.eig[name], a, g).pow(2).sum(0)
         n += len(batch.y)
     factors.lam = {name: total / n for name, total in sums.items()}
     return factors

@@ -14,6 +14,7 @@ from gex.data import Batch
 from gex.grads import per_sample_grads
 from gex.kfac import (
     KFACFactors,
+    block_grads,
     compute_factors,
     eigendecompose,
     eigenvalue_correction,
@@ -21,6 +22,8 @@ from gex.kfac import (
     layer_signals,
     param_grads,
     pseudo_grads,
+    rotate,
+    rotated_block_grads,
 )
 from gex.models import build_model
 from gex.params import param_names
@@ -244,3 +247,14 @@ def test_shared_module_fails():
 def test_unknown_fisher_fails():
     with pytest.raises(MethodError, match="fisher='fim'.*valid choices"):
         pseudo_grads(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "ce", "fim")
+
+
+@pytest.mark.parametrize("t, d_in, d_out", [(1, 40, 30), (100, 5, 4)])  # signals rotated first; gradients first
+def test_rotated_block_grads_equal_the_rotated_block_gradient_in_either_order(t, d_in, d_out):
+    gen = torch.Generator().manual_seed(0)
+    a, g = (torch.randn(3, t, d, generator=gen, dtype=torch.float64) for d in (d_in, d_out))
+    q_a, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=torch.float64))
+    q_g, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=gen, dtype=torch.float64))
+    eig = (q_a, torch.ones(d_in), q_g, torch.ones(d_out))
+    torch.testing.assert_close(rotated_block_grads(eig, a, g), rotate(eig, block_grads(a, g)),
+                               rtol=TOL_EXACT, atol=TOL_EXACT)
