@@ -219,8 +219,11 @@ def summarize(frame: pd.DataFrame, out: Path, title: str, opts: "CurveConfig | N
              for (mode, steps), grp in stats[stats.method == "gex"].groupby(["members_mode", "ft_step"])}
     refs = {row.method: (row.wall_s, row.auroc, row.ap) for row in stats[stats.method != "gex"].itertuples()}
     plots.plot_accuracy_cost(lines, refs, title, out / "curve.png")
-    if len(refs) > 3:  # a campaign with many methods: the whole range, every method named
-        plots.plot_accuracy_cost(lines, refs, f"{title}: every method", out / "frontier.png", clip=False)
+    if len(refs) > 3:  # a campaign with many methods: the whole range, every method in the legend
+        from bench.peers import PAIRS
+        paired = {label: pair.partition("@")[0] for pair, (label, _, _) in PAIRS.items()}
+        points = {method: (*point, paired.get(method)) for method, point in refs.items()}
+        plots.plot_frontier(lines, points, f"{title}: every method", out / "frontier.png")
     return stats
 
 

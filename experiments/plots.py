@@ -20,6 +20,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 __all__ = ["FORMATS", "as_numpy", "save_figure", "plot_self_influence_hist", "plot_self_influence_panel", "plot_accuracy_cost",
+           "plot_frontier",
            "found_curve", "plot_detection_curve", "plot_pruning_curves", "plot_relabel_bars", "plot_cost_quality",
            "plot_toy_panel", "plot_groundtruth_scatter"]
 
@@ -347,6 +348,66 @@ def plot_accuracy_cost(lines: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+FRONTIER_FLOORS = (0.85, 0.45)  # AUROC / AP axis floors: methods below are marked on the bottom edge with their value
+FRONTIER_MIN_S = 0.01           # methods that cost less (read from the pretraining log) are drawn at this wall
+
+
+def plot_frontier(lines: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[str]]],
+                  points: Mapping[str, tuple[float, float, float, str | None]], title: str,
+                  path: str | Path) -> list[Path]:
+    """Every method's AUROC and AP against wall seconds (log axis), one legend entry per method: our methods as
+    circles, peer libraries as diamonds in the colour of our method they pair with, GEX's ensemble sizes as a line.
+
+    Args:
+        lines: label -> ``(seconds, aurocs, aps, point labels)`` (GEX over its ensemble sizes).
+        points: method -> ``(seconds, auroc, ap, paired)``: ``paired`` is None for our methods and, for a peer
+            library, the name of our method it pairs with.
+        title: figure title.
+        path: output stem.
+
+    Returns:
+        ``[png, pdf]``.
+    """
+    fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    palette = [f"C{i}" for i in range(1, 10)] + ["black", "lime", "navy", "maroon", "teal", "magenta",
+                                                 "darkgoldenrod", "dimgray", "cyan", "olive"]  # C0 is GEX's line
+    ours = [m for m, point in points.items() if point[3] is None]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(ours)}
+    for ax, which, name, floor in ((axes[0], 1, "AUROC", FRONTIER_FLOORS[0]), (axes[1], 2, "AP", FRONTIER_FLOORS[1])):
+        for label, line in lines.items():
+            ax.plot(line[0], line[which], marker="o", markersize=4, color="C0", linewidth=2, label=label)
+            for x, y, text in zip(line[0], line[which], line[3]):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4, 5), fontsize=6)
+        below = 0
+        ordered = [m for m in points if m in color] + [m for m in points if m not in color]  # ours, then peers
+        for method in ordered:
+            wall, auroc, ap, paired = points[method]
+            value, x = (auroc, ap)[which - 1], max(wall, FRONTIER_MIN_S)
+            peer = paired is not None
+            style = dict(color=color.get(paired if peer else method, "gray"), linestyle="none", label=method,
+                         marker="D" if peer else "o", markersize=7 if peer else 6,
+                         markerfacecolor="none" if peer else None, markeredgewidth=1.5)
+            if value >= floor:
+                ax.plot([x], [value], **style)
+            else:  # on the bottom edge, the values stacked upwards
+                ax.plot([x], [floor], **(style | {"marker": "v"}))
+                ax.annotate(f"{method}: {value:.3f}", (x, floor), textcoords="offset points",
+                            xytext=(6, 2 + 8 * below), fontsize=6)
+                below += 1
+        ax.set_ylim(bottom=floor, top=1.0 if which == 1 else None)
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+        ax.set_xlabel(f"wall seconds, fit + score (below {FRONTIER_MIN_S:g} s drawn at {FRONTIER_MIN_S:g})")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7,
+               title="circles: ours, diamonds: peer libraries", title_fontsize=7)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

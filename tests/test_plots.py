@@ -73,6 +73,10 @@ def test_every_plot_writes_png_and_pdf(tmp_path):
         "toy": plots.plot_toy_panel(x, {"loo": x.norm(dim=1), "gex": -x[:, 0]}, noisy, "toy", tmp_path / "toy",
                                     subtitles={"gex": "AUROC 1.000"}),
         "gt": plots.plot_groundtruth_scatter(torch.arange(5.0), torch.arange(5.0) ** 2, "gt", tmp_path / "gt"),
+        "frontier": plots.plot_frontier({"gex": ([10.0, 20.0], [0.99, 0.995], [0.9, 0.95], ["M=1", "M=2"])},
+                                        {"loss": (1.0, 0.9, 0.6, None), "random": (0.001, 0.5, 0.1, None),
+                                         "a peer of loss": (3.0, 0.91, 0.62, "loss")}, "frontier",
+                                        tmp_path / "frontier"),
     }
     for stem, paths in made.items():
         _valid(paths, tmp_path / stem)
