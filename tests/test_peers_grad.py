@@ -6,6 +6,7 @@ Each comparison prints its Spearman correlations and the wall time of our method
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -241,3 +242,29 @@ def test_dattris_trak_configured_as_documented_computes_our_trak():
     assert row["status"] == "ok", row["status"]
     assert row["peer_spearman"] > 0.996   # 0.9944 with the cross-entropy as its loss and Q on theta*'s BN statistics
     assert abs(row["ours_auroc"] - row["peer_auroc"]) < 0.01
+
+
+def test_records_of_single_sizes_pool_into_one_cost_line(tmp_path):
+    """Two records, one size each: the pooled cost split is the line through both medians, per side."""
+    import json
+    import subprocess
+    import sys
+    for n, ours, peer in ((1000, 3.0, 10.0), (4000, 9.0, 25.0)):   # ours 2 s per 1k + 1 s; the peer 5 + 5 s
+        folder = tmp_path / f"rec_n{n}"
+        folder.mkdir()
+        pd.DataFrame([{"method": "trak", "peer": "dattri.TRAKAttributor", "n": n, "status": "ok", "ours_s": ours,
+                       "peer_s": peer}]).to_csv(folder / "peers.csv", index=False)
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "pooled"
+    cmd = [sys.executable, "-m", "experiments.peers", "peers.summary_only=true", f"peers.summary_of={tmp_path}/rec_*",
+           f"peers.summary_out={out}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    costs = pd.read_csv(out / "peers_cost.csv").set_index("side")
+    assert costs.loc["ours", "per_1k_s"] == pytest.approx(2.0) and costs.loc["ours", "fixed_s"] == pytest.approx(1.0)
+    assert costs.loc["peer", "per_1k_s"] == pytest.approx(5.0) and costs.loc["peer", "fixed_s"] == pytest.approx(5.0)
+    assert pd.read_csv(out / "peers.csv").record.tolist() == ["rec_n1000", "rec_n4000"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["task"] == "peers_summary"
+    missing = subprocess.run([*cmd[:4], f"peers.summary_of={tmp_path}/nothing_*", *cmd[5:]], capture_output=True,
+                             text=True, cwd=root, timeout=300)
+    assert missing.returncode == 2 and "matches no folder holding peers.csv" in missing.stderr
