@@ -25,7 +25,15 @@ from omegaconf import DictConfig
 from bench.peers import PAIRS, cost_split, peer_campaign
 from bench.tables import markdown_table
 from experiments.launch import cli, entry_point
-from experiments.scaffold import RunLogger, RunRecord, UsageError, load_task, settings_from, typed_config, versions
+from experiments.scaffold import (
+    RunLogger,
+    RunRecord,
+    UsageError,
+    load_task,
+    settings_from,
+    typed_config,
+    versions,
+)
 from gex.runs import atomic_write_text
 
 __all__ = ["PeersConfig", "write_tables", "pool_records", "run"]
