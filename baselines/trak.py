@@ -100,11 +100,12 @@ class TRAK(Attributor):
         chunk_size: samples per per-sample-gradient chunk (does not change the scores).
         max_block_mb: memory budget of one block of V's rows. A budget that holds all of V (d x P x 4 bytes)
             keeps it for the whole pass over a checkpoint instead of regenerating it for every chunk, the main
-            cost when P is large; it is freed before the next checkpoint.
+            cost when P is large; it is freed before the next checkpoint, so one V is held at a time. The 2 GB
+            default holds d = 512 for up to ~1M parameters (the 60k preset's 826k).
     """
 
     def __init__(self, num_checkpoints: int = 5, proj_dim: int = 512, damping: float = 0.0, seed: int | None = None,
-                 chunk_size: int = 256, max_block_mb: float = 256.0):
+                 chunk_size: int = 256, max_block_mb: float = 2048.0):
         for key, value in (("num_checkpoints", num_checkpoints), ("proj_dim", proj_dim), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise MethodError(f"trak.{key}={value!r} is invalid; it must be an integer >= 1")

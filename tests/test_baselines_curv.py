@@ -340,6 +340,14 @@ def test_trak_detects_noise_and_keeps_the_sign(digits_task, options):
     torch.testing.assert_close(pair[rows, torch.arange(4)], scores[rows], rtol=TOL_FLOAT32, atol=0)
 
 
+def test_trak_shipped_budget_keeps_a_large_models_projection_whole():
+    """The shipped 2 GB budget holds V (d = 512) for the 60k preset's 826k parameters: drawn once per checkpoint,
+    not regenerated for every chunk of samples (results/README.md, 60k memorized)."""
+    from gex.projection import GaussianProjector
+    method = build_method("trak", **_cpu_config("trak"))
+    assert GaussianProjector(826_000, method.proj_dim, max_block_mb=method.max_block_mb).block_rows == method.proj_dim
+
+
 def test_trak_rejects_bad_options(tiny_task64):
     with pytest.raises(MethodError, match="trak.num_checkpoints=9 but task.trajectory holds 5"):
         build_method("trak", num_checkpoints=9).fit(tiny_task64)
