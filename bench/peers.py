@@ -45,13 +45,13 @@ from bench.methods import method_options
 from bench.tables import markdown_table
 from bench.timing import alternate, median_ratios
 from gex.attribution import METHODS, InfluenceTask, build_method
-from gex.data import DataConfig, NoiseConfig, load_data
+from gex.data import DataConfig, LabeledData, NoiseConfig, load_data
 from gex.models import ModelConfig
 from gex.pipeline import pretrained_task
 from gex.ranking import auroc_ap
 from gex.train import TrainConfig
 
-__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "tiny_task", "peer_table", "peer_campaign", "peer_scores",
+__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "SUBSET_PAIRS", "scored_rows", "tiny_task", "peer_table", "peer_campaign", "peer_scores",
            "cost_split"]
 
 TINY_MODEL = {"hidden": 32, "depth": 1}
@@ -65,9 +65,16 @@ TINY_EPOCHS = 20
 PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK)
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
                                            "cl": {"folds": 5}}  # cleanlab's default number of folds
-# At the default scale (Fashion-MNIST, cnn_small) every method keeps its shipped options, except cl's folds,
-# which follow cleanlab's default on both sides.
-DEFAULT_SCALE_OPTIONS: dict[str, dict[str, Any]] = {"cl": {"folds": 5}}
+# At the default scale (Fashion-MNIST, cnn_small) every method keeps its shipped options, except: cl's folds,
+# cleanlab's default on both sides; if_cg's iterations, dattri's default of 10 on both sides (ours would run to
+# 1e-6 or 200 products per solve, and dattri's CG returns NaN past convergence); LiSSA's scale, dattri's default of
+# 50 on both sides, because 128-sample Hessians of theta* reach eigenvalues of ~67 (power iteration on three
+# batches of a 1k subset; 38 on the whole 1k) and our shipped 10 diverges there.
+DEFAULT_SCALE_OPTIONS: dict[str, dict[str, Any]] = {"cl": {"folds": 5}, "if_cg": {"max_iter": 10},
+                                                    "lissa": {"scale": 50.0}}
+# Pairs whose every scored sample costs an inverse-HVP solve on full-data curvature products; a campaign may score a
+# fixed random subset of each size on them (``scored``), the curvature still over the whole size.
+SUBSET_PAIRS = ("if_cg", "lissa", "arnoldi")
 
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
@@ -77,11 +84,30 @@ def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
                            TrainConfig(epochs=TINY_EPOCHS, batch_size=64, bn_batches=4), seed=seed, device=device)
 
 
-def _loader(task: InfluenceTask, batch_size: int | None = None) -> DataLoader:
-    """The training set in order, in one batch unless ``batch_size`` is given (the curvature peers need one batch:
-    dattri sums its inverse-HVPs over the loader's batches, so only one batch gives the full-data inverse)."""
-    data = TensorDataset(task.train.x, task.train.y)
-    return DataLoader(data, batch_size=batch_size or len(data), shuffle=False)
+def _loader(task: InfluenceTask, batch_size: int | None = None, rows: Tensor | None = None) -> DataLoader:
+    """The training set (or its ``rows``) in order, in one batch unless ``batch_size`` is given. The curvature peers
+    need one batch twice over: dattri sums its inverse-HVPs over the cached loader's batches (only one batch gives
+    the full-data inverse), and its ``self_attribute`` adds each batch's scores onto the whole output vector."""
+    x, y = (task.train.x, task.train.y) if rows is None else (task.train.x[rows], task.train.y[rows])
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size or len(x), shuffle=False)
+
+
+def scored_rows(task: InfluenceTask, size: int) -> Tensor:
+    """A fixed random subset of ``size`` training rows (sorted), drawn with ``task.seed`` and stratified by the
+    noise flag so both classes of the detection metrics are present: ``round(size x noise rate)`` noisy rows, at
+    least one of each kind where both exist."""
+    noisy = task.train.is_noisy.cpu()
+    n = len(noisy)
+    if size >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(int(task.seed))
+    k_noisy = int(round(size * float(noisy.double().mean())))
+    if 0 < int(noisy.sum()) < n:
+        k_noisy = min(max(k_noisy, 1), size - 1, int(noisy.sum()))
+    k_noisy = max(k_noisy, size - int((~noisy).sum()))
+    pick = [idx[torch.randperm(len(idx), generator=gen)[:k]]
+            for idx, k in ((noisy.nonzero().flatten(), k_noisy), ((~noisy).nonzero().flatten(), size - k_noisy))]
+    return torch.cat(pick).sort().values
 
 
 def _loss_fn(model: nn.Module, input_dims: int) -> Callable[[dict, tuple], Tensor]:
@@ -106,8 +132,8 @@ def _dattri_task(task: InfluenceTask, checkpoints: list[dict] | None = None,
     return AttributionTask(loss_func=fn, model=model, checkpoints=states, target_func=fn if output else None)
 
 
-def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], Tensor]:
-    def run(task: InfluenceTask) -> Tensor:
+def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[..., Tensor]:
+    def run(task: InfluenceTask, rows: Tensor | None = None) -> Tensor:
         from dattri.algorithm import influence_function as dif
         if kind == "cg":
             attributor = dif.IFAttributorCG(_dattri_task(task), device=str(task.device), max_iter=options["max_iter"],
@@ -121,14 +147,15 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[[InfluenceTask], 
             attributor = dif.IFAttributorArnoldi(_dattri_task(task), device=str(task.device),
                                                  proj_dim=options["top_k"], max_iter=options["n_iter"],
                                                  regularization=options["damping"])
-        attributor.cache(_loader(task))
-        return attributor.self_attribute(_loader(task))
+        attributor.cache(_loader(task))   # the curvature: every training sample of the task
+        return attributor.self_attribute(_loader(task, rows=rows))   # a subset, as its documentation allows
     names = {"cg": ("IFAttributorCG", {"max_iter": "max_iter", "regularization": "damping"}),
              "lissa": ("IFAttributorLiSSA", {"batch_size": "batch_size", "num_repeat": "repeats",
                                              "recursion_depth": "depth", "damping": "damping", "scaling": "scale"}),
              "arnoldi": ("IFAttributorArnoldi", {"proj_dim": "top_k", "max_iter": "n_iter",
                                                  "regularization": "damping"})}[kind]
-    run.settings = {"class": f"dattri.algorithm.influence_function.{names[0]}", "loader": "the training set in one batch",
+    run.settings = {"class": f"dattri.algorithm.influence_function.{names[0]}",
+                    "loader": "cache: the training set in one batch; self_attribute: the scored samples in one batch",
                     **{theirs: options.get(ours) for theirs, ours in names[1].items()}}
     return run
 
@@ -306,8 +333,8 @@ PAIRS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Callable[[InfluenceT
 }
 
 
-def _ours(task: InfluenceTask, name: str, options: dict[str, Any]) -> Tensor:
-    return build_method(name, **options).fit(task).self_influence(task.train)
+def _ours(task: InfluenceTask, name: str, options: dict[str, Any], scored: LabeledData | None = None) -> Tensor:
+    return build_method(name, **options).fit(task).self_influence(task.train if scored is None else scored)
 
 
 def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
@@ -321,15 +348,18 @@ def _timed(fn: Callable[[], Tensor]) -> tuple[float, Tensor]:
 
 
 def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int = 3,
-          warmup: bool = True) -> dict[str, Any]:
+          warmup: bool = True, scored: int | None = None) -> dict[str, Any]:
     """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores,
     and both sides' detection AUROC / AP on ``task``'s noise. ``warmup=False`` skips the untimed first call of each
-    side (a campaign warms up once, at its first size)."""
+    side (a campaign warms up once, at its first size). ``scored``: for ``SUBSET_PAIRS``, both sides score only
+    ``scored_rows(task, scored)`` (the curvature still over all of ``task``'s training set); metrics are on those."""
     from scipy.stats import spearmanr
 
     label, module, adapter = PAIRS[name]
     method, _, variant = name.partition("@")
+    rows = scored_rows(task, scored) if scored and method in SUBSET_PAIRS and scored < len(task.train) else None
     row: dict[str, Any] = {"method": name, "peer": label, "n": len(task.train), "repeats": repeats,
+                           "scored": len(task.train) if rows is None else len(rows),
                            "ours_settings": json.dumps(options, sort_keys=True, default=str)}
     if method not in METHODS:
         return row | {"status": f"skipped: our {method} is not registered"}
@@ -344,7 +374,10 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     row["peer_settings"] = json.dumps(getattr(peer, "settings", {}), sort_keys=True, default=str)
     if variant == "fast":  # both sides on the same parameters: BN frozen
         task = replace(task, model=freeze_norm_layers(task.model))
-    fns = {"ours": lambda: _ours(task, method, options), "peer": lambda: peer(task)}
+    if rows is None:
+        fns = {"ours": lambda: _ours(task, method, options), "peer": lambda: peer(task)}
+    else:
+        fns = {"ours": lambda: _ours(task, method, options, task.train.subset(rows)), "peer": lambda: peer(task, rows)}
     try:  # an untimed warm-up of both (imports, kernels), then ours and the peer's in turn
         runs = alternate(fns, repeats, _timed, warmups=None if warmup else {})
     except Exception as err:  # noqa: BLE001 - a failing peer is reported, the others go on
@@ -356,7 +389,7 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
     if bad:
         return row | {"status": f"error: {bad} non-finite scores (ours and peer's together)"}
     ratio = median_ratios({k: [r[0] for r in v] for k, v in runs.items()}, "peer")["ours"]
-    noisy = task.train.is_noisy.cpu()
+    noisy = task.train.is_noisy.cpu() if rows is None else task.train.is_noisy.cpu()[rows]
     (ours_auroc, ours_ap), (peer_auroc, peer_ap) = auroc_ap(ours, noisy), auroc_ap(theirs, noisy)
     return row | {"status": "ok", "ours_s": statistics.median(r[0] for r in runs["ours"]),
                   "peer_s": statistics.median(r[0] for r in runs["peer"]), "peer_time_ratio": ratio["ratio"],
@@ -416,13 +449,14 @@ def peer_table(n: int, seed: int = 0, device: str = "cpu", overrides: dict[str, 
 
 def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repeats: int = 3,
                   overrides: dict[str, dict[str, Any]] | None = None,
-                  progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+                  progress: Callable[[str], None] | None = None, scored: int | None = None) -> pd.DataFrame:
     """Every pair of ``pairs`` on class-balanced subsets of ``task``'s training set of each size in ``sizes``
     (theta* and its checkpoints unchanged; each side fits and scores on the subset): one ``_pair`` row per
-    (size, pair). Both sides are warmed up once, at the first size; sizes run smallest first.
+    (size, pair). Both sides are warmed up once, at the first size; sizes run smallest first. ``scored``: the
+    ``SUBSET_PAIRS`` score a fixed random subset of this many samples of each size (``scored_rows``).
 
     Raises:
-        ValueError: an unknown pair, a size outside 1..n, or ``repeats < 1``.
+        ValueError: an unknown pair, a size outside 1..n, ``repeats < 1`` or ``scored < 1``.
     """
     from bench.methods import subtask
     unknown = sorted(set(pairs) - set(PAIRS))
@@ -430,6 +464,8 @@ def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repea
         raise ValueError(f"unknown peer pairs {unknown or pairs}; valid: {list(PAIRS)}")
     if repeats < 1 or not sizes or any(not 1 <= n <= len(task.train) for n in sizes):
         raise ValueError(f"peer sizes {list(sizes)} must lie in 1..{len(task.train)} and repeats={repeats} >= 1")
+    if scored is not None and scored < 1:
+        raise ValueError(f"scored={scored} must be a positive number of samples (or None: all)")
     import baselines  # noqa: F401  (registers every method)
     rows = []
     for index, n in enumerate(sorted(sizes)):
@@ -437,7 +473,8 @@ def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repea
         for name in pairs:
             if progress is not None:
                 progress(f"{name} at n = {n}")
-            rows.append(_pair(sub, name, _options(name, overrides or {}, False), repeats, warmup=index == 0))
+            rows.append(_pair(sub, name, _options(name, overrides or {}, False), repeats, warmup=index == 0,
+                              scored=scored))
     return pd.DataFrame(rows)
 
 

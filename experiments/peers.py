@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from bench.peers import PAIRS, cost_split, peer_campaign
+from bench.peers import PAIRS, SUBSET_PAIRS, cost_split, peer_campaign
 from bench.tables import markdown_table
 from experiments.launch import cli, entry_point
 from experiments.scaffold import (
@@ -48,6 +48,8 @@ class PeersConfig:
         sizes: training-subset sizes (class-balanced subsets of the loaded training set).
         repeats: timed rounds per pair and size, ours and the peer alternating.
         method_options: per-method options on top of ``configs/method/<name>.yaml`` (both sides get them).
+        scored: the per-sample inverse-HVP pairs (``bench.peers.SUBSET_PAIRS``) score a fixed random subset of
+            this many samples of each size, the curvature still over the whole size; 0 = every sample.
         summary_only: measure nothing; pool the ``peers.csv`` of the records matching ``summary_of`` into
             ``summary_out``.
         summary_of: glob of record folders.
@@ -58,6 +60,7 @@ class PeersConfig:
     sizes: list[int] = field(default_factory=lambda: [1000, 2500, 5000, 10000])
     repeats: int = 3
     method_options: dict[str, Any] = field(default_factory=dict)
+    scored: int = 0
     summary_only: bool = False
     summary_of: str = ""
     summary_out: str = ""
@@ -68,6 +71,8 @@ class PeersConfig:
             raise UsageError(f"peers.pairs has unknown {unknown or 'nothing'}; valid: {list(PAIRS)}")
         if self.repeats < 1 or not self.sizes or min(self.sizes) < 1:
             raise UsageError(f"peers.repeats ({self.repeats}) and peers.sizes ({list(self.sizes)}) must be positive")
+        if self.scored < 0:
+            raise UsageError(f"peers.scored={self.scored} must be a number of samples >= 1, or 0 (every sample)")
         if self.summary_only and not (self.summary_of and self.summary_out):
             raise UsageError("peers.summary_only=true needs peers.summary_of (a glob of record folders) and "
                              "peers.summary_out")
@@ -113,14 +118,17 @@ def run(cfg: DictConfig, run_dir: Path, logger: RunLogger) -> dict:
         raise UsageError(f"peers.sizes goes up to {max(opts.sizes)} but data.n_train gives {len(task.train)} "
                          f"training samples; lower peers.sizes or raise data.n_train")
     table = peer_campaign(task, list(opts.sizes), list(opts.pairs), opts.repeats, dict(opts.method_options),
-                          progress=lambda what: print(f"[peers] {what}", flush=True))
+                          progress=lambda what: print(f"[peers] {what}", flush=True), scored=opts.scored or None)
     threads = torch.get_num_threads()
     header = (f"# Peers at the default scale ({settings.data.name}, {settings.model.name}, sizes "
-              f"{sorted(opts.sizes)}, {opts.repeats} alternating rounds, {threads} torch thread(s))\n\n")
+              f"{sorted(opts.sizes)}, {opts.repeats} alternating rounds, {threads} torch thread(s))\n\n"
+              + (f"{', '.join(p for p in opts.pairs if p in SUBSET_PAIRS)} score a fixed random subset of "
+                 f"{opts.scored} samples of each size (column `scored`); their curvature is over the whole size.\n\n"
+                 if opts.scored and set(opts.pairs) & set(SUBSET_PAIRS) else ""))
     write_tables(table, run_dir, header)
     metrics: dict[str, Any] = {"task": "peers", "method": "peers", "data": settings.data.name,
                                "model": settings.model.name, "seed": settings.seed, "threads": threads,
-                               "repeats": opts.repeats} | versions()
+                               "repeats": opts.repeats, "scored": opts.scored} | versions()
     for row in table.to_dict("records"):
         key = f"{row['method']}.n{row['n']}"
         metrics[f"{key}.status"] = row["status"]

@@ -37,12 +37,16 @@ def test_a_bad_choice_is_one_line_and_exit_status_2(tmp_path, override, expected
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-def test_an_unknown_peer_pair_is_one_line_and_exit_status_2(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.peers", "experiment=smoke", "peers.pairs=[tracin,nope]",
+@pytest.mark.parametrize("override, expected", [
+    ("peers.pairs=[tracin,nope]", "error: peers.pairs has unknown ['nope']; valid: ["),
+    ("peers.scored=-1", "error: peers.scored=-1 must be a number of samples >= 1, or 0"),
+])
+def test_a_bad_peer_option_is_one_line_and_exit_status_2(tmp_path, override, expected):
+    cmd = [sys.executable, "-m", "experiments.peers", "experiment=smoke", override,
            f"paths.cache={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().startswith("error: peers.pairs has unknown ['nope']; valid: [")
+    assert out.stderr.strip().startswith(expected)
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 

@@ -196,6 +196,38 @@ def test_a_peer_campaign_runs_every_size_and_splits_fixed_from_per_sample_cost()
         peers.peer_campaign(task, [500], ["tracin@fast"])
 
 
+def test_the_scored_subset_is_fixed_stratified_and_holds_both_kinds_of_sample():
+    from bench import peers
+    task = peers.tiny_task(120)
+    noisy = task.train.is_noisy
+    rows = peers.scored_rows(task, 10)
+    assert len(rows) == 10 and rows.unique().numel() == 10 and torch.equal(rows, rows.sort().values)
+    assert torch.equal(rows, peers.scored_rows(task, 10))                   # fixed: the same rows every call
+    assert int(noisy[rows].sum()) == max(1, round(10 * float(noisy.double().mean())))
+    assert 0 < int(noisy[peers.scored_rows(task, 2)].sum()) < 2               # both kinds even when tiny
+    assert torch.equal(peers.scored_rows(task, 500), torch.arange(len(task.train)))
+
+
+def test_a_curvature_pair_scores_a_subset_with_the_whole_sizes_curvature_on_both_sides():
+    """``scored``: both sides score the same fixed subset with the curvature of every training sample, so CG
+    with matched iterations gives the same ranking, and the metrics are on the subset's own noise."""
+    pytest.importorskip("dattri")
+    from bench import peers
+    task = peers.tiny_task(120)
+    options = peers._options("if_cg", {}, True)
+    row = peers._pair(task, "if_cg", options, repeats=1, scored=16)
+    assert row["status"] == "ok", row["status"]
+    assert row["scored"] == 16 and row["n"] == 120
+    assert row["peer_spearman"] > 0.99
+    assert "self_attribute: the scored samples" in row["peer_settings"]
+    full = build_method("if_cg", **options).fit(task).self_influence(task.train)
+    rows = peers.scored_rows(task, 16)
+    ours_sub = build_method("if_cg", **options).fit(task).self_influence(task.train.subset(rows))
+    assert _rel(ours_sub, full[rows]) < 1e-4          # a subset's scores are the whole set's, not a refit on it
+    assert peers._pair(task, "tracin@fast", {"weighting": "lr", "chunk_size": 256}, repeats=1,
+                       scored=16)["scored"] == 120  # only the inverse-HVP pairs score a subset
+
+
 def test_the_peer_campaign_command_writes_its_tables_and_record(tmp_path):
     pytest.importorskip("captum")
     import json
