@@ -63,7 +63,7 @@ TINY_EPOCHS = 20
 # TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
 # mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
 PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK)
-PEER_SCORED_CHUNK = 4  # scored rows per dattri self_attribute call on a subset (its memory grows with the rows)
+PEER_SCORED_CHUNK = 1  # scored rows per dattri self_attribute call on a subset (its memory grows with the rows)
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
                                            "cl": {"folds": 5}}  # cleanlab's default number of folds
 # At the default scale (Fashion-MNIST, cnn_small) every method keeps its shipped options, except: cl's folds,
@@ -151,8 +151,8 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[..., Tensor]:
         attributor.cache(_loader(task))   # the curvature: every training sample of the task
         if rows is None:
             return attributor.self_attribute(_loader(task))
-        # a subset, as its documentation allows, a few rows per call: each call's one batch is inverted as one
-        # vmap over its rows, about 1.2 GB per row for cnn_small on a 1k curvature batch
+        # a subset, as its documentation allows, one row per call: each call's one batch is inverted as one vmap
+        # over its rows, which holds ~1.2 GB (CG) to ~3 GB (LiSSA) per row for cnn_small on a 1k curvature batch
         return torch.cat([attributor.self_attribute(_loader(task, rows=chunk)).cpu()
                           for chunk in rows.split(PEER_SCORED_CHUNK)])
     names = {"cg": ("IFAttributorCG", {"max_iter": "max_iter", "regularization": "damping"}),

@@ -56,11 +56,11 @@ class PeersConfig:
         summary_out: folder of the pooled ``peers.md`` / ``peers.csv`` / ``peers_cost.csv``.
     """
 
-    pairs: list[str] = field(default_factory=lambda: ["tracin", "tracin@fast", "trak", "ekfac", "cl"])
+    pairs: list[str] = field(default_factory=lambda: list(PAIRS))
     sizes: list[int] = field(default_factory=lambda: [1000, 2500, 5000, 10000])
     repeats: int = 3
     method_options: dict[str, Any] = field(default_factory=dict)
-    scored: int = 0
+    scored: int = 10
     summary_only: bool = False
     summary_of: str = ""
     summary_out: str = ""
