@@ -224,6 +224,8 @@ def test_a_curvature_pair_scores_a_subset_with_the_whole_sizes_curvature_on_both
     rows = peers.scored_rows(task, 16)
     ours_sub = build_method("if_cg", **options).fit(task).self_influence(task.train.subset(rows))
     assert _rel(ours_sub, full[rows]) < 1e-4          # a subset's scores are the whole set's, not a refit on it
+    # dattri runs under no_grad: its scores would otherwise hold the parameters' graph through every iteration
+    assert peers.PAIRS["if_cg"][2](options)(task, rows).grad_fn is None
     assert peers._pair(task, "tracin@fast", {"weighting": "lr", "chunk_size": 256}, repeats=1,
                        scored=16)["scored"] == 120  # only the inverse-HVP pairs score a subset
 
