@@ -42,7 +42,7 @@ class IFCG(GradientBilinear):
     """
 
     def __init__(self, damping: float = 0.1, curvature: str = "hessian", tol: float = 1e-6, max_iter: int = 200,
-                 chunk_size: int = 256, batch_size: int = 1024, vec_chunk: int | None = None,
+                 chunk_size: int = 256, batch_size: int = 1024, vec_chunk: int | None = 1,
                  hvp_mode: str = "rev-rev"):
         check_curvature(curvature, "if_cg.curvature")
         check_hvp_mode(hvp_mode, "if_cg.hvp_mode")

@@ -56,7 +56,7 @@ class LiSSA(GradientBilinear):
 
     def __init__(self, depth: int = 50, scale: float = 10.0, damping: float = 0.0, repeats: int = 1,
                  batch_size: int | None = 128, augment: bool = False, curvature: str = "hessian",
-                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | None = None,
+                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | None = 1,
                  hvp_mode: str = "rev-rev"):
         check_curvature(curvature, "lissa.curvature")
         check_hvp_mode(hvp_mode, "lissa.hvp_mode")
