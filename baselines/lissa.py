@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gex.attribution import MethodError, register
 from gex.ihvp import (
@@ -28,6 +28,7 @@ from gex.ihvp import (
     curvature_block,
     curvature_matvec,
     lissa_recursion,
+    resolve_vec_chunk,
 )
 from gex.projection import GradientBilinear, Transform
 from gex.train import batch_stream
@@ -49,23 +50,25 @@ class LiSSA(GradientBilinear):
         curvature: ``hessian`` or ``ggn``.
         seed: fixes the mini-batch sequence; None = the task's run seed.
         chunk_size: right-hand sides (samples) per block recursion; does not change the scores.
-        vec_chunk: right-hand sides per ``vmap`` call inside a product; None = the whole block.
+        vec_chunk: right-hand sides per ``vmap`` call inside a product; None = the whole block; ``auto`` = 1 for
+            a model with convolutions, else None (``gex.ihvp.resolve_vec_chunk``).
         hvp_mode: how Hessian products are formed (``gex.ihvp.HVP_MODES``; the same scores up to round-off):
             ``rev-rev`` (dattri's default; ~2x faster on BN MLPs on CPU) or ``fwd-rev``.
     """
 
     def __init__(self, depth: int = 50, scale: float = 10.0, damping: float = 0.0, repeats: int = 1,
                  batch_size: int | None = 128, augment: bool = False, curvature: str = "hessian",
-                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | None = 1,
+                 seed: int | None = None, chunk_size: int = 256, vec_chunk: int | str | None = "auto",
                  hvp_mode: str = "rev-rev"):
         check_curvature(curvature, "lissa.curvature")
         check_hvp_mode(hvp_mode, "lissa.hvp_mode")
         if scale <= 0 or not 0 <= damping < 1:
             raise MethodError(f"lissa needs scale > 0 and 0 <= damping < 1, got scale={scale}, damping={damping}")
         for key, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size or 1),
-                           ("chunk_size", chunk_size), ("vec_chunk", vec_chunk or 1)):
+                           ("chunk_size", chunk_size)):
             if value < 1:
                 raise MethodError(f"lissa.{key} must be >= 1, got {value}")
+        resolve_vec_chunk(nn.Module(), vec_chunk, "lissa.vec_chunk")   # validates
         self.depth, self.scale, self.damping, self.repeats = depth, scale, damping, repeats
         self.batch_size, self.augment, self.curvature, self.seed = batch_size, augment, curvature, seed
         self.chunk_size, self.vec_chunk, self.hvp_mode = chunk_size, vec_chunk, hvp_mode
@@ -74,15 +77,16 @@ class LiSSA(GradientBilinear):
         """Per-step curvature products: the full set, or the seeded mini-batch stream of ``repeat``."""
         task = self._require_fit()
         model, loss = task.model, task.loss
+        vec_chunk = resolve_vec_chunk(model, self.vec_chunk)
         if self.batch_size is None:
-            full = curvature_matvec(model, task.train, loss, self.curvature, vec_chunk=self.vec_chunk,
+            full = curvature_matvec(model, task.train, loss, self.curvature, vec_chunk=vec_chunk,
                                     mode=self.hvp_mode)
             while True:
                 yield full
         seed = task.seed if self.seed is None else self.seed
         gen = torch.Generator().manual_seed(seed * 1_000_003 + repeat)
         for batch in batch_stream(task.train, self.batch_size, self.augment, gen, task.device):
-            yield lambda v, b=batch: curvature_block(model, b.x, b.y, v, loss, self.curvature, self.vec_chunk,
+            yield lambda v, b=batch: curvature_block(model, b.x, b.y, v, loss, self.curvature, vec_chunk,
                                                      self.hvp_mode)
 
     def solve(self, grads: Tensor) -> Tensor:

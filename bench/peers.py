@@ -17,7 +17,9 @@ medians, ``peer_time_ratio`` = peer median / ours (above 1: the peer is slower),
 the range of the per-round ratios (drift of the machine's load shows there). Options are matched where the libraries
 expose them (damping, iterations, projection size, checkpoint weights); stochastic ones (LiSSA batches, random
 projections, sampled Fisher labels) use each side's own random streams, so Spearman < 1 there is expected. A
-missing peer or method, or a peer that fails, gives a row with a ``status`` instead of numbers.
+missing peer or method, or a peer that fails, gives a row with a ``status`` instead of numbers. In a campaign the
+curvature pairs (``SUBSET_PAIRS``) may score a fixed subset of each size (``scored``; column ``scored``), the
+curvature still over the whole size: one inverse-HVP per scored sample is their cost on both sides.
 """
 from __future__ import annotations
 

@@ -80,6 +80,23 @@ def test_batched_products_equal_the_foundation_hvp(tiny_task64, sub64):
     torch.testing.assert_close(block, brute, rtol=TOL_EXACT, atol=TOL_EXACT)
 
 
+def test_auto_vec_chunk_takes_one_vector_at_a_time_with_convolutions_and_all_at_once_without(tiny_task64, sub64):
+    from torch import nn
+
+    from gex.ihvp import resolve_vec_chunk
+    assert resolve_vec_chunk(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "auto") == 1
+    assert resolve_vec_chunk(tiny_task64.model, "auto") is None
+    assert resolve_vec_chunk(tiny_task64.model, 3) == 3 and resolve_vec_chunk(tiny_task64.model, None) is None
+    for bad in (0, "all", True, 1.5):
+        with pytest.raises(MethodError, match="must be auto, null or an integer >= 1"):
+            resolve_vec_chunk(tiny_task64.model, bad)
+    vecs = torch.randn(3, num_params(tiny_task64.model), generator=torch.Generator().manual_seed(2),
+                       dtype=torch.float64)   # the chunking never changes the products
+    one = curvature_matvec(tiny_task64.model, sub64, "ce", vec_chunk=1, mode="rev-rev")(vecs)
+    torch.testing.assert_close(curvature_matvec(tiny_task64.model, sub64, "ce", vec_chunk=None, mode="rev-rev")(vecs),
+                               one, rtol=TOL_EXACT, atol=TOL_EXACT)
+
+
 def test_explicit_curvature_refuses_large_models_and_unknown_curvature(tiny_task64, sub64):
     with pytest.raises(MethodError, match="max_params=100"):
         explicit_curvature(tiny_task64.model, sub64, max_params=100)
