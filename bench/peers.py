@@ -53,8 +53,8 @@ from gex.pipeline import pretrained_task
 from gex.ranking import auroc_ap
 from gex.train import TrainConfig
 
-__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "SUBSET_PAIRS", "scored_rows", "tiny_task", "peer_table", "peer_campaign", "peer_scores",
-           "cost_split"]
+__all__ = ["PAIRS", "PEER_OPTIONS", "DEFAULT_SCALE_OPTIONS", "SUBSET_PAIRS", "scored_rows", "tiny_task", "peer_table",
+           "peer_campaign", "peer_scores", "cost_split"]
 
 TINY_MODEL = {"hidden": 32, "depth": 1}
 TINY_EPOCHS = 20
@@ -152,7 +152,7 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[..., Tensor]:
                                                  regularization=options["damping"])
         # Under no_grad: the same scores, but dattri's outputs otherwise stay attached to the autograd graph of the
         # model's parameters through every iteration (on cnn_small, a 250-sample curvature batch: 4.4 GB after 6 CG
-        # iterations instead of 1.4 GB, and ~1.7x the time), which at 1k does not fit in 24 GB.
+        # iterations instead of 1.4 GB, and ~1.7x the time; at 1k one scored sample passed 11 GB).
         with torch.no_grad():
             attributor.cache(_loader(task))   # the curvature: every training sample of the task
             if rows is None:
