@@ -10,12 +10,13 @@ train gradients once per test chunk). Positive pairwise influence = proponent.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from gex.attribution import InfluenceTask, MethodError, register
 from gex.ihvp import (
     check_curvature,
     check_hvp_mode,
+    check_vec_chunk,
     conjugate_gradient,
     curvature_matvec,
     resolve_vec_chunk,
@@ -50,7 +51,7 @@ class IFCG(GradientBilinear):
         check_hvp_mode(hvp_mode, "if_cg.hvp_mode")
         if damping < 0 or tol <= 0:
             raise MethodError(f"if_cg needs damping >= 0 and tol > 0, got damping={damping}, tol={tol}")
-        resolve_vec_chunk(nn.Module(), vec_chunk, "if_cg.vec_chunk")   # validates
+        check_vec_chunk(vec_chunk, "if_cg.vec_chunk")
         for key, value in (("max_iter", max_iter), ("chunk_size", chunk_size), ("batch_size", batch_size)):
             if value < 1:
                 raise MethodError(f"if_cg.{key} must be >= 1, got {value}")

@@ -19,12 +19,13 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gex.attribution import MethodError, register
 from gex.ihvp import (
     check_curvature,
     check_hvp_mode,
+    check_vec_chunk,
     curvature_block,
     curvature_matvec,
     lissa_recursion,
@@ -68,7 +69,7 @@ class LiSSA(GradientBilinear):
                            ("chunk_size", chunk_size)):
             if value < 1:
                 raise MethodError(f"lissa.{key} must be >= 1, got {value}")
-        resolve_vec_chunk(nn.Module(), vec_chunk, "lissa.vec_chunk")   # validates
+        check_vec_chunk(vec_chunk, "lissa.vec_chunk")
         self.depth, self.scale, self.damping, self.repeats = depth, scale, damping, repeats
         self.batch_size, self.augment, self.curvature, self.seed = batch_size, augment, curvature, seed
         self.chunk_size, self.vec_chunk, self.hvp_mode = chunk_size, vec_chunk, hvp_mode

@@ -104,7 +104,7 @@ def scored_rows(task: InfluenceTask, size: int) -> Tensor:
     if size >= n:
         return torch.arange(n)
     gen = torch.Generator().manual_seed(int(task.seed))
-    k_noisy = int(round(size * float(noisy.double().mean())))
+    k_noisy = round(size * float(noisy.double().mean()))
     if 0 < int(noisy.sum()) < n:
         k_noisy = min(max(k_noisy, 1), size - 1, int(noisy.sum()))
     k_noisy = max(k_noisy, size - int((~noisy).sum()))

@@ -27,9 +27,9 @@ from gex.grads import mean_loss_fn
 from gex.losses import per_sample_loss
 from gex.params import model_device, model_state, num_params, vector_to_params
 
-__all__ = ["hvp", "CURVATURES", "HVP_MODES", "check_curvature", "check_hvp_mode", "resolve_vec_chunk", "curvature_block", "curvature_matvec",
-           "explicit_curvature", "DampedInverse", "conjugate_gradient", "lissa_recursion", "arnoldi_iteration",
-           "distill", "top_eigenvalue"]
+__all__ = ["hvp", "CURVATURES", "HVP_MODES", "check_curvature", "check_hvp_mode", "check_vec_chunk",
+           "resolve_vec_chunk", "curvature_block", "curvature_matvec", "explicit_curvature", "DampedInverse",
+           "conjugate_gradient", "lissa_recursion", "arnoldi_iteration", "distill", "top_eigenvalue"]
 
 CURVATURES = ("hessian", "ggn")
 # How a block of Hessian products is formed (the same numbers up to round-off):
@@ -54,6 +54,14 @@ def check_hvp_mode(mode: str, owner: str = "mode") -> None:
         raise MethodError(f"{owner}={mode!r} is unknown; valid choices: {list(HVP_MODES)}")
 
 
+def check_vec_chunk(vec_chunk: int | str | None, owner: str = "vec_chunk") -> None:
+    """Raise a one-line MethodError naming ``owner`` unless ``vec_chunk`` is ``"auto"``, None or an integer >= 1."""
+    if vec_chunk in ("auto", None):
+        return
+    if isinstance(vec_chunk, bool) or not isinstance(vec_chunk, int) or vec_chunk < 1:
+        raise MethodError(f"{owner} must be auto, null or an integer >= 1, got {vec_chunk!r}")
+
+
 def resolve_vec_chunk(model: nn.Module, vec_chunk: int | str | None, owner: str = "vec_chunk") -> int | None:
     """Vectors per ``vmap`` call: ``"auto"`` is 1 for a model with convolutions and None (all at once) otherwise.
 
@@ -62,12 +70,11 @@ def resolve_vec_chunk(model: nn.Module, vec_chunk: int | str | None, owner: str 
     vectors was about 5x faster than a loop.
 
     Raises:
-        MethodError: anything but ``"auto"``, None or an integer >= 1.
+        MethodError: anything but ``"auto"``, None or an integer >= 1 (``check_vec_chunk``).
     """
+    check_vec_chunk(vec_chunk, owner)
     if vec_chunk == "auto":
         return 1 if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()) else None
-    if vec_chunk is not None and (isinstance(vec_chunk, bool) or not isinstance(vec_chunk, int) or vec_chunk < 1):
-        raise MethodError(f"{owner} must be auto, null or an integer >= 1, got {vec_chunk!r}")
     return vec_chunk
 
 
