@@ -65,6 +65,7 @@ TINY_EPOCHS = 20
 # TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
 # mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
 PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK)
+WARMUP_N = 200  # samples of the untimed warm-up subset of a campaign (libraries and kernels, not the sizes)
 PEER_SCORED_CHUNK = 1  # scored rows per dattri self_attribute call on a subset (its memory grows with the rows)
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
                                            "cl": {"folds": 5}}  # cleanlab's default number of folds
@@ -366,8 +367,9 @@ def _pair(task: InfluenceTask, name: str, options: dict[str, Any], repeats: int 
           warmup: bool = True, scored: int | None = None) -> dict[str, Any]:
     """Our ``name`` against its peer on ``task``: alternating medians, their ratio and range, Spearman of scores,
     and both sides' detection AUROC / AP on ``task``'s noise. ``warmup=False`` skips the untimed first call of each
-    side (a campaign warms up once, at its first size). ``scored``: for ``SUBSET_PAIRS``, both sides score only
-    ``scored_rows(task, scored)`` (the curvature still over all of ``task``'s training set); metrics are on those."""
+    side (a campaign warms up once per pair, on a small subset). ``scored``: for ``SUBSET_PAIRS``, both sides score
+    only ``scored_rows(task, scored)`` (the curvature still over all of ``task``'s training set); metrics are on
+    those."""
     from scipy.stats import spearmanr
 
     label, module, adapter = PAIRS[name]
@@ -467,7 +469,8 @@ def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repea
                   progress: Callable[[str], None] | None = None, scored: int | None = None) -> pd.DataFrame:
     """Every pair of ``pairs`` on class-balanced subsets of ``task``'s training set of each size in ``sizes``
     (theta* and its checkpoints unchanged; each side fits and scores on the subset): one ``_pair`` row per
-    (size, pair). Both sides are warmed up once, at the first size; sizes run smallest first. ``scored``: the
+    (size, pair). Both sides are warmed up once per pair by an untimed call on a ``WARMUP_N``-sample subset;
+    sizes run smallest first. ``scored``: the
     ``SUBSET_PAIRS`` score a fixed random subset of this many samples of each size (``scored_rows``).
 
     Raises:
@@ -482,13 +485,20 @@ def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repea
     if scored is not None and scored < 1:
         raise ValueError(f"scored={scored} must be a positive number of samples (or None: all)")
     import baselines  # noqa: F401  (registers every method)
+    # One untimed call of each side on a small subset loads the libraries and kernels; at the sizes themselves a
+    # warm-up call would cost as much as a timed round (a curvature call at 10k: tens of minutes on a CPU).
+    warm = subtask(task, min(WARMUP_N, *sizes), None)
+    for name in pairs:
+        if progress is not None:
+            progress(f"{name}: warm-up at n = {len(warm.train)}")
+        _pair(warm, name, _options(name, overrides or {}, False), 1, warmup=False, scored=scored)
     rows = []
-    for index, n in enumerate(sorted(sizes)):
+    for n in sorted(sizes):
         sub = subtask(task, n, None)
         for name in pairs:
             if progress is not None:
                 progress(f"{name} at n = {n}")
-            rows.append(_pair(sub, name, _options(name, overrides or {}, False), repeats, warmup=index == 0,
+            rows.append(_pair(sub, name, _options(name, overrides or {}, False), repeats, warmup=False,
                               scored=scored))
     return pd.DataFrame(rows)
 

@@ -196,6 +196,17 @@ def test_a_peer_campaign_runs_every_size_and_splits_fixed_from_per_sample_cost()
         peers.peer_campaign(task, [500], ["tracin@fast"])
 
 
+def test_a_peer_campaign_warms_up_on_a_small_subset_and_times_every_size_cold(monkeypatch):
+    from bench import peers
+    calls = []
+    monkeypatch.setattr(peers, "WARMUP_N", 30)
+    monkeypatch.setattr(peers, "_pair", lambda task, name, options, repeats, warmup, scored: calls.append(
+        (len(task.train), repeats, warmup)) or {"method": name, "n": len(task.train)})
+    peers.peer_campaign(peers.tiny_task(120), [120, 60], ["tracin@fast", "trak"], repeats=3)
+    # one single untimed call per pair at 30 samples, then every size without a warm-up call of its own
+    assert calls == [(30, 1, False)] * 2 + [(60, 3, False)] * 2 + [(120, 3, False)] * 2
+
+
 def test_the_scored_subset_is_fixed_stratified_and_holds_both_kinds_of_sample():
     from bench import peers
     task = peers.tiny_task(120)
