@@ -64,7 +64,7 @@ TINY_EPOCHS = 20
 # sides stop at dattri's default of 10 iterations (ours then warns that it stopped before its tolerance).
 # TRAK projects to fewer dimensions than the tiny task's 200 samples: with d >= n its self-influence reduces to the
 # mean of (1 - p) over checkpoints and the kernel (the part worth comparing) never enters the scores.
-PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK)
+PEER_BATCH = 256  # samples per batch where a peer's batch size does not change its scores (TracInCP, TRAK, Arnoldi)
 WARMUP_N = 200  # samples of the untimed warm-up subset of a campaign (libraries and kernels, not the sizes)
 PEER_SCORED_CHUNK = 1  # scored rows per dattri self_attribute call on a subset (its memory grows with the rows)
 PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter": 10}, "trak": {"proj_dim": 128},
@@ -77,8 +77,9 @@ PEER_OPTIONS: dict[str, dict[str, Any]] = {"if_cg": {"damping": 1.0, "max_iter":
 DEFAULT_SCALE_OPTIONS: dict[str, dict[str, Any]] = {"cl": {"folds": 5}, "if_cg": {"max_iter": 10},
                                                     "lissa": {"scale": 50.0}}
 # Pairs whose every scored sample costs an inverse-HVP solve on full-data curvature products; a campaign may score a
-# fixed random subset of each size on them (``scored``), the curvature still over the whole size.
-SUBSET_PAIRS = ("if_cg", "lissa", "arnoldi")
+# fixed random subset of each size on them (``scored``), the curvature still over the whole size. Arnoldi is not one:
+# once fitted it projects each sample's gradient on its top-k eigenvectors, so it scores every sample on both sides.
+SUBSET_PAIRS = ("if_cg", "lissa")
 
 
 def tiny_task(n: int, seed: int = 0, device: str = "cpu") -> InfluenceTask:
@@ -156,20 +157,24 @@ def _dattri_if(kind: str, options: dict[str, Any]) -> Callable[..., Tensor]:
         # iterations instead of 1.4 GB, and ~1.7x the time; at 1k one scored sample passed 11 GB).
         with torch.no_grad():
             attributor.cache(_loader(task))   # the curvature: every training sample of the task
-            if rows is None:
+            if rows is None and kind != "arnoldi":
                 return attributor.self_attribute(_loader(task))
-            # a subset, as its documentation allows, one row per call: each call inverts its one batch as a vmap
-            # over the rows, whose memory grows with them
+            # Subsets, as its documentation allows, one batch per call (it adds each batch's scores onto the whole
+            # output): CG and LiSSA one row per call, as each call inverts its batch as a vmap over the rows, whose
+            # memory grows with them; Arnoldi every sample, PEER_BATCH per call (its per-sample gradients).
+            rows = torch.arange(len(task.train)) if rows is None else rows
+            per_call = PEER_BATCH if kind == "arnoldi" else PEER_SCORED_CHUNK
             return torch.cat([attributor.self_attribute(_loader(task, rows=chunk)).cpu()
-                              for chunk in rows.split(PEER_SCORED_CHUNK)])
+                              for chunk in rows.split(per_call)])
     names = {"cg": ("IFAttributorCG", {"max_iter": "max_iter", "regularization": "damping"}),
              "lissa": ("IFAttributorLiSSA", {"batch_size": "batch_size", "num_repeat": "repeats",
                                              "recursion_depth": "depth", "damping": "damping", "scaling": "scale"}),
              "arnoldi": ("IFAttributorArnoldi", {"proj_dim": "top_k", "max_iter": "n_iter",
                                                  "regularization": "damping"})}[kind]
     run.settings = {"class": f"dattri.algorithm.influence_function.{names[0]}",
-                    "loader": "cache: the training set in one batch; self_attribute: the scored samples, one batch per "
-                              f"call ({PEER_SCORED_CHUNK} per call on a subset)",
+                    "loader": "cache: the training set in one batch; self_attribute: " + (
+                        f"every sample, {PEER_BATCH} per call (one batch per call)" if kind == "arnoldi" else
+                        f"the scored samples, one batch per call ({PEER_SCORED_CHUNK} per call on a subset)"),
                     "autograd": "called under torch.no_grad(): the same scores, without the graph its outputs "
                                 "otherwise keep through every iteration",
                     **{theirs: options.get(ours) for theirs, ours in names[1].items()}}

@@ -6,8 +6,8 @@ of ``peers.pairs`` (``bench.peers.PAIRS``) runs on class-balanced training subse
 Writes per (size, pair) the median times, their ratio with its per-round range, Spearman between the two score
 vectors and both sides' detection AUROC / AP (``peers.csv`` / ``peers.md``), and per pair and side the fixed and
 per-sample cost from a line through the sizes (``peers_cost.csv``). Both sides' settings are in every row. The
-curvature pairs (if_cg, lissa, arnoldi) score ``peers.scored`` samples of each size, a fixed random subset, with
-the curvature of the whole size (one inverse-HVP per scored sample is their cost on both sides).
+per-sample inverse-HVP pairs (if_cg, lissa) score ``peers.scored`` samples of each size, a fixed random subset, with
+the curvature of the whole size (one inverse-HVP per scored sample is their cost on both sides); arnoldi scores all.
 ``peers.summary_only=true peers.summary_of=<glob> peers.summary_out=<folder>`` measures nothing: it pools the
 ``peers.csv`` of earlier records (e.g. one per size, run separately) into one table and one cost split.
 The micro-benchmark on a tiny model is ``python -m bench.peers`` (results/bench/README.md).

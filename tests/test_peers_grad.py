@@ -241,6 +241,20 @@ def test_a_curvature_pair_scores_a_subset_with_the_whole_sizes_curvature_on_both
                        scored=16)["scored"] == 120  # only the inverse-HVP pairs score a subset
 
 
+def test_dattris_arnoldi_scores_every_sample_in_batches_as_in_one(monkeypatch):
+    """Arnoldi is not a per-sample inverse-HVP method: both sides score every sample. dattri's side goes in
+    ``PEER_BATCH`` rows per ``self_attribute`` call (its memory at 10k); the batches must not change its scores."""
+    pytest.importorskip("dattri")
+    from bench import peers
+    task = peers.tiny_task(120)
+    options = {"n_iter": 20, "top_k": 5, "damping": 0.1}
+    whole = peers.PAIRS["arnoldi"][2](options)(task)
+    monkeypatch.setattr(peers, "PEER_BATCH", 50)   # 50 + 50 + 20 rows
+    batched = peers.PAIRS["arnoldi"][2](options)(task)
+    assert whole.shape == (120,) and torch.allclose(batched, whole, rtol=1e-4, atol=1e-7)
+    assert "arnoldi" not in peers.SUBSET_PAIRS
+
+
 def test_the_peer_campaign_command_writes_its_tables_and_record(tmp_path):
     pytest.importorskip("captum")
     import json
