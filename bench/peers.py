@@ -509,18 +509,23 @@ def peer_campaign(task: InfluenceTask, sizes: list[int], pairs: list[str], repea
 
 
 def cost_split(table: pd.DataFrame) -> pd.DataFrame:
-    """Per pair and side, a least-squares line through the median times against n: ``fixed_s`` (the intercept:
-    set-up, factor fits that do not grow with n) and ``per_1k_s`` (seconds per 1,000 samples), from pairs with at
-    least two sizes."""
+    """Per pair, number of scored samples and side, a least-squares line through the median times against n:
+    ``fixed_s`` (the intercept: set-up, factor fits that do not grow with n) and ``per_1k_s`` (seconds per 1,000
+    training samples), from groups with at least two sizes. ``scored`` is the scored subset's size, or ``all``:
+    rows that scored different numbers of samples cost different amounts and never share a line."""
     import numpy as np
+    ok = table[table.get("status", pd.Series(dtype=str)) == "ok"]
+    counts = ok["scored"] if "scored" in ok else ok["n"]
+    ok = ok.assign(scored=[str(int(c)) if c < n else "all" for c, n in zip(counts, ok["n"])])
     rows = []
-    for name, group in table[table.get("status", pd.Series(dtype=str)) == "ok"].groupby("method", sort=False):
+    for (name, scored), group in ok.groupby(["method", "scored"], sort=False):
         if group["n"].nunique() < 2:
             continue
         for side in ("ours", "peer"):
             slope, intercept = np.polyfit(group["n"].to_numpy(float), group[f"{side}_s"].to_numpy(float), 1)
-            rows.append({"method": name, "side": side, "peer": group["peer"].iloc[0], "fixed_s": float(intercept),
-                         "per_1k_s": float(slope) * 1000, "sizes": json.dumps(sorted(group["n"].tolist()))})
+            rows.append({"method": name, "side": side, "peer": group["peer"].iloc[0], "scored": scored,
+                         "fixed_s": float(intercept), "per_1k_s": float(slope) * 1000,
+                         "sizes": json.dumps(sorted(group["n"].tolist()))})
     return pd.DataFrame(rows)
 
 

@@ -4,8 +4,8 @@ On the default setting (Fashion-MNIST, the cached theta* and its pretraining che
 of ``peers.pairs`` (``bench.peers.PAIRS``) runs on class-balanced training subsets of each size in
 ``peers.sizes``: each side fits and scores self-influence there, timed in ``peers.repeats`` alternating rounds.
 Writes per (size, pair) the median times, their ratio with its per-round range, Spearman between the two score
-vectors and both sides' detection AUROC / AP (``peers.csv`` / ``peers.md``), and per pair and side the fixed and
-per-sample cost from a line through the sizes (``peers_cost.csv``). Both sides' settings are in every row. The
+vectors and both sides' detection AUROC / AP (``peers.csv`` / ``peers.md``), and per pair, scored count and side the
+fixed and per-sample cost from a line through the sizes (``peers_cost.csv``). Both sides' settings are in every row. The
 per-sample inverse-HVP pairs (if_cg, lissa) score ``peers.scored`` samples of each size, a fixed random subset, with
 the curvature of the whole size (one inverse-HVP per scored sample is their cost on both sides); arnoldi scores all.
 ``peers.summary_only=true peers.summary_of=<glob> peers.summary_out=<folder>`` measures nothing: it pools the

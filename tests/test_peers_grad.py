@@ -303,6 +303,19 @@ def test_dattris_trak_configured_as_documented_computes_our_trak():
     assert abs(row["ours_auroc"] - row["peer_auroc"]) < 0.01
 
 
+def test_the_cost_line_never_mixes_rows_that_scored_different_numbers_of_samples():
+    from bench import peers
+    rows = [("if_cg", 1000, 10, 50.0), ("if_cg", 1000, 2, 10.0), ("if_cg", 2000, 2, 20.0),   # 10 per 1k, no fixed
+            ("arnoldi", 1000, 1000, 8.0), ("arnoldi", 3000, 3000, 24.0)]                  # every sample: "all"
+    table = pd.DataFrame([{"method": m, "peer": "p", "n": n, "scored": k, "status": "ok", "ours_s": t, "peer_s": t}
+                          for m, n, k, t in rows])
+    costs = peers.cost_split(table).set_index(["method", "side"])
+    assert costs.loc[("if_cg", "ours"), "scored"] == "2" and costs.loc[("arnoldi", "peer"), "scored"] == "all"
+    assert costs.loc[("if_cg", "ours"), "per_1k_s"] == pytest.approx(10.0)   # -10.0 with the 10-sample row in it
+    assert costs.loc[("if_cg", "ours"), "fixed_s"] == pytest.approx(0.0, abs=1e-9)
+    assert costs.loc[("arnoldi", "ours"), "per_1k_s"] == pytest.approx(8.0) and len(costs) == 4
+
+
 def test_records_of_single_sizes_pool_into_one_cost_line(tmp_path):
     """Two records, one size each: the pooled cost split is the line through both medians, per side."""
     import json
